@@ -1,0 +1,1 @@
+"""The input pipeline: TFDS data source -> grain transforms -> batches that follow the data contract."""

@@ -1,0 +1,1 @@
+"""Pallas kernels. Each has a plain jax.numpy reference in omniris_jax.models that its tests compare against."""

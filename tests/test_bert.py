@@ -7,6 +7,7 @@ pretrained all-MiniLM-L6-v2, whose sentence embeddings must also rank a paraphra
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 
@@ -15,6 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import linen as nn
+from jax.sharding import AxisType
+from jax.sharding import PartitionSpec as P
 from safetensors.numpy import save_file
 
 from omniris_jax.data.tokenizer import Tokenizer
@@ -124,6 +127,25 @@ def test_every_parameter_has_logical_axes():
   assert boxed["layer_0"]["output"]["kernel"].names == ("mlp", "embed")
 
 
+def test_runs_sharded_from_logical_axes_and_equals_unsharded(tiny_batch):
+  # The trainer's recipe: abstract init -> shardings from the logical names -> jitted init into them -> apply.
+  # 'vocab' stays unmapped: BERT's 30522-row and 2-row tables divide by no model-axis size worth having.
+  config = dataclasses.replace(bert.BertConfig.tiny_test(), intermediate_size=64)  # 'mlp' divisible by 4.
+  mesh = jax.make_mesh((2, 4), ("data", "model"), axis_types=(AxisType.Auto,) * 2)
+  rules = (("batch", "data"), ("heads", "model"), ("mlp", "model"))
+  model = bert.BertEncoder(config)
+  ids, mask, types = (np.concatenate([array, array[:1]]) for array in tiny_batch)  # Batch 4 for 'data'.
+  abstract = jax.eval_shape(model.init, jax.random.key(0), ids, mask)
+  shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(abstract), mesh, rules)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    variables = jax.jit(model.init, out_shardings=shardings)(jax.random.key(0), ids, mask)
+    sharded = jax.jit(model.apply)(variables, ids, mask, types)
+  assert variables["params"]["layer_0"]["intermediate"]["kernel"].value.sharding.spec == P(None, "model")
+  assert sharded.sharding.spec[0] == "data"
+  unsharded = model.apply(jax.device_get(nn.unbox(variables)), ids, mask, types)
+  np.testing.assert_allclose(np.asarray(sharded), np.asarray(unsharded), atol=1e-5)
+
+
 def test_dropout_only_when_not_deterministic(tiny_batch):
   config = bert.BertConfig.tiny_test()
   ids, mask, _ = tiny_batch
@@ -133,6 +155,18 @@ def test_dropout_only_when_not_deterministic(tiny_batch):
   np.testing.assert_array_equal(clean, model.apply(variables, ids, mask, deterministic=True))
   noisy = model.apply(variables, ids, mask, deterministic=False, rngs={"dropout": jax.random.key(1)})
   assert not np.allclose(clean, noisy)
+
+
+def test_sample_without_text_gives_finite_states(tiny_batch):
+  # A sample with no text prompt reaches the encoder as an all-zero mask; it must not poison the batch with NaN.
+  ids, mask, _ = tiny_batch
+  mask = mask.copy()
+  mask[1] = 0
+  model = bert.BertEncoder(bert.BertConfig.tiny_test())
+  variables = model.init(jax.random.key(0), ids, mask)
+  states = model.apply(variables, ids, mask)
+  assert np.isfinite(np.asarray(states)).all()
+  np.testing.assert_allclose(states[0], model.apply(variables, ids[:1], mask[:1])[0], atol=1e-6)
 
 
 # ------------------------------------------------------------------------------------------------- importer errors

@@ -132,17 +132,44 @@ def test_masks_and_prompts_stay_binary_after_resize(train_batches):
       assert set(np.unique(batch[key])) <= {0, 1}, key
 
 
-def test_resize_is_non_uniform_nearest_for_masks():
-  # A mask covering exactly the left half of a 20 x 40 image covers the left half of the S x S output.
-  record = make_record(0, modality=0)
-  record["image"] = np.zeros((20, 40, 3), np.uint8)
-  record["mask"] = record["text_mask"] = _rectangle_mask(20, 40, 0, 0, 20, 20)
-  record["visual_mask"] = np.zeros((20, 40, 1), np.uint8)
-  record["no_target"] = False
-  batch = take(make([record], batch_size=1, shuffle=False), 1)[0]
-  expected = np.zeros((RESOLUTION, RESOLUTION), np.uint8)
-  expected[:, :RESOLUTION // 2] = 1
-  np.testing.assert_array_equal(batch["mask"][0], expected)
+def _nearest_reference(array: np.ndarray, size: int) -> np.ndarray:
+  """Nearest-neighbour resize by its definition: output pixel i reads input pixel floor((i + 0.5) * in / out)."""
+  rows = np.floor((np.arange(size) + 0.5) * array.shape[0] / size).astype(int)
+  cols = np.floor((np.arange(size) + 0.5) * array.shape[1] / size).astype(int)
+  return array[rows][:, cols]
+
+
+def test_resize_is_non_uniform_nearest_for_masks_and_prompts():
+  rng = np.random.default_rng(0)
+  record = make_record(3, modality=2)
+  for height, width, key in ((20, 45, "mask"), (37, 13, "ref_mask")):
+    noise = (rng.random((height, width, 1)) > 0.5).astype(np.uint8)
+    record[key] = noise * 255  # Stored as 0/255: the pipeline binarises.
+  record["image"] = rng.integers(0, 256, (20, 45, 3), dtype=np.uint8)
+  record["text_mask"] = record["visual_mask"] = record["mask"]
+  record["ref_image"] = rng.integers(0, 256, (37, 13, 3), dtype=np.uint8)
+  record["ref_box"] = record["ref_scribble"] = record["ref_mask"]
+  record["no_target"], record["prompt_type"] = False, 1
+  batch = take(make([record], batch_size=1, prompt_types=None), 1)[0]
+  np.testing.assert_array_equal(batch["mask"][0], _nearest_reference(record["mask"][..., 0] > 0, RESOLUTION))
+  np.testing.assert_array_equal(batch["ref_prompt"][0],
+                                _nearest_reference(record["ref_mask"][..., 0] > 0, RESOLUTION))
+
+
+def test_images_resize_bilinear_like_pil_and_torch_antialias():
+  """detectron2 (ReLA) resizes with PIL bilinear, which antialiases when shrinking; torch's antialias mode too."""
+  torch = pytest.importorskip("torch")
+  rng = np.random.default_rng(1)
+  record = make_record(4, modality=0)
+  record["image"] = rng.integers(0, 256, (20, 45, 3), dtype=np.uint8)
+  record["mask"] = record["text_mask"] = record["visual_mask"] = np.zeros((20, 45, 1), np.uint8)
+  record["no_target"] = True
+  batch = take(make([record], batch_size=1), 1)[0]
+  image = torch.from_numpy(record["image"]).permute(2, 0, 1)[None].double()
+  expected = torch.nn.functional.interpolate(image, size=(RESOLUTION, RESOLUTION), mode="bilinear",
+                                             align_corners=False, antialias=True)
+  expected = expected[0].permute(1, 2, 0).round().clamp(0, 255).numpy()
+  assert np.abs(batch["image"][0].astype(np.float64) - expected).max() <= 1
 
 
 def test_text_tokens_start_with_cls_and_end_with_sep(train_batches):

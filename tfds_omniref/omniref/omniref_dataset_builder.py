@@ -1,0 +1,128 @@
+"""TFDS builder `omniref`: OmniRIS examples from several sources behind one feature spec.
+
+Configs (`tfds.data_source('omniref/<config>', ...)`):
+  shapes        procedural scenes (no download; shapes.py), 128x128, 3600 train + 3 x 360 test examples
+  shapes_tiny   the same generator at 64x64 with 18 + 3 x 9 examples, for tests
+A later issue adds `released` (the authors' OmniRef files, manual download), `rebuilt` (the paper's pipeline from
+COCO, gRefCOCO and RefCOCOg) and the RIS benchmarks; they will yield the same features (features.py).
+
+Splits: `train` (all modalities mixed), `text_test`, `visual_test`, `omni_test` (each one third single-target,
+one third multi-target, one third no-target). Files are array_record, so reading needs no TensorFlow:
+
+  import tfds_omniref  # registers the builder
+  builder = tfds.builder('omniref/shapes', data_dir=data_dir, file_format='array_record')
+  builder.download_and_prepare()
+  source = tfds.data_source('omniref/shapes', data_dir=data_dir, split='train')  # random access for grain
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from etils import epath
+import tensorflow_datasets as tfds
+
+from tfds_omniref.omniref import features as features_lib
+from tfds_omniref.omniref import shapes as shapes_lib
+
+_SOURCES = ("shapes",)
+
+
+@dataclasses.dataclass(eq=False)
+class OmnirefConfig(tfds.core.BuilderConfig):
+  """A builder config: which source to read, and that source's parameters.
+
+  Attributes:
+    source: 'shapes' for now (later also 'released', 'rebuilt' and the RIS benchmarks).
+    shapes: the generator parameters when `source == 'shapes'`.
+  """
+
+  source: str = "shapes"
+  shapes: shapes_lib.ShapesConfig | None = None
+
+  def __post_init__(self):
+    if self.source not in _SOURCES:
+      raise ValueError(f"OmnirefConfig {self.name!r}: {self.source=} must be one of {_SOURCES}.")
+    if self.source == "shapes" and not isinstance(self.shapes, shapes_lib.ShapesConfig):
+      raise ValueError(f"OmnirefConfig {self.name!r} with source 'shapes' needs shapes=ShapesConfig(...); "
+                       f"got {self.shapes!r}.")
+
+
+SHAPES = OmnirefConfig(
+    name="shapes",
+    description="Procedural OmniRIS scenes (128x128): 3600 train, 360 per test split; no download.",
+    source="shapes",
+    shapes=shapes_lib.ShapesConfig(),
+)
+SHAPES_TINY = OmnirefConfig(
+    name="shapes_tiny",
+    description="Procedural OmniRIS scenes (64x64), 18 train and 9 per test split, for tests.",
+    source="shapes",
+    shapes=shapes_lib.ShapesConfig(image_size=64, num_train=18, num_text_test=9, num_visual_test=9,
+                                   num_omni_test=9, seed=1),
+)
+
+
+class Builder(tfds.core.GeneratorBasedBuilder):
+  """OmniRIS dataset builder; the data contract is `features.omniris_features()`."""
+
+  VERSION = tfds.core.Version("1.0.0")
+  RELEASE_NOTES = {
+      "1.0.0": "First release: the OmniRIS feature spec and the procedural `shapes` and `shapes_tiny` configs.",
+  }
+  BUILDER_CONFIGS = [SHAPES, SHAPES_TINY]
+  DEFAULT_CONFIG_NAME = "shapes"
+  # Where TFDS finds README.md and CITATIONS.bib (the description and citation it reports) and checksums.tsv:
+  # beside this file. Given from __file__ because TFDS's own inference goes through importlib.resources, which
+  # fails when an editable install maps tfds_omniref as a namespace package.
+  pkg_dir_path = epath.Path(__file__).parent
+  code_path = epath.Path(__file__)
+
+  def __init__(self, *, config: str | OmnirefConfig | None = None, **kwargs):
+    # TFDS only lists configs whose names are close to an unknown one (often none); list them all instead.
+    if isinstance(config, str):
+      name = config.split(":")[0]
+      known = [c.name for c in self.BUILDER_CONFIGS]
+      if name not in known:
+        raise ValueError(f"Unknown omniref config {name!r}; known configs: {known}. "
+                         "Pass one of them, e.g. tfds.builder('omniref/shapes').")
+    super().__init__(config=config, **kwargs)
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    return self.dataset_info_from_configs(
+        features=features_lib.omniris_features(),
+        # Stored in generation order, so index i of a split is example i ('<config>/<split>/<i:06d>');
+        # grain shuffles at read time.
+        disable_shuffling=True,
+    )
+
+  def _split_generators(self, dl_manager: tfds.download.DownloadManager):
+    del dl_manager  # shapes needs no download
+    config = self.builder_config
+    return {split: self._generate_examples(split=split) for split in config.shapes.split_sizes()}
+
+  def _generate_examples(self, split: str):
+    """Yields (key, example) for one split of the shapes source; the key is the example id."""
+    config = self.builder_config
+    for example in shapes_lib.generate_split(config.shapes, split, config_name=config.name):
+      yield example["id"], features_lib.encode_example(example)
+
+
+def data_source(config_name: str, split: str, *, data_dir: str):
+  """Random-access examples of `omniref/<config_name>` `split`, building the dataset in `data_dir` first if needed.
+
+  The one call the pipeline and the main command need: it builds array_record files (no TensorFlow), never
+  looks for a prebuilt copy on the public TFDS bucket (this dataset is not there; stay offline), and returns
+  `tfds.data_source`'s sequence (`len(source)`, `source[i]` -> a dict of numpy values, see features.py).
+
+  Args:
+    config_name: a name in `Builder.BUILDER_CONFIGS` ('shapes', 'shapes_tiny').
+    split: 'train', 'text_test', 'visual_test' or 'omni_test'.
+    data_dir: the TFDS data directory (the dataset lands in `<data_dir>/omniref/<config_name>/<version>/`).
+  """
+  builder = Builder(config=config_name, data_dir=data_dir, file_format="array_record")
+  splits = list(builder.builder_config.shapes.split_sizes()) if builder.builder_config.shapes else []
+  if splits and split not in splits:
+    raise ValueError(f"{split=} is not a split of omniref/{config_name}; its splits are {splits}.")
+  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+  return builder.as_data_source(split=split)

@@ -16,6 +16,7 @@ from omniris_jax.data import transforms
 
 RESOLUTION = 32
 MAX_TEXT_LEN = 12
+SPATIAL = ("mask", "box", "scribble")
 CONTRACT = {  # field: (dtype, shape without the batch dimension)
     "image": (np.uint8, (RESOLUTION, RESOLUTION, 3)),
     "text_ids": (np.int32, (MAX_TEXT_LEN,)),
@@ -88,8 +89,7 @@ SOURCE = [make_record(index) for index in range(30)]
 
 def make(source=SOURCE, **overrides):
   kwargs = dict(resolution=RESOLUTION, max_text_len=MAX_TEXT_LEN, batch_size=4, seed=0, shuffle=True,
-                num_epochs=None, prompt_types=("mask", "box", "scribble"), regenerate_prompts=True,
-                read_threads=0)
+                num_epochs=None, prompt_types=("mask", "box", "scribble"), regenerate_prompts=True)
   kwargs.update(overrides)
   return pipeline.make_dataset(source, **kwargs)
 
@@ -394,7 +394,53 @@ def _require_omniref_builder():
     pytest.skip("the omniref TFDS builder is not registered in this checkout yet")
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# The real TFDS source: omniref/shapes_tiny built into a temporary directory (under a second).
+# ---------------------------------------------------------------------------------------------------------------
+
+SHAPES_TINY_SPLITS = ("train", "text_test", "visual_test", "omni_test")
+
+
+@pytest.fixture(scope="module")
+def shapes_tiny_dir(tmp_path_factory):
+  _require_omniref_builder()
+  from tfds_omniref import omniref  # pylint: disable=g-import-not-at-top
+
+  data_dir = str(tmp_path_factory.mktemp("tfds"))
+  omniref.data_source("shapes_tiny", "train", data_dir=data_dir)  # Builds every split once.
+  return data_dir
+
+
+@pytest.mark.parametrize("split", SHAPES_TINY_SPLITS)
+def test_shapes_tiny_from_tfds_follows_the_contract(shapes_tiny_dir, split):
+  source = pipeline.from_tfds("omniref/shapes_tiny", split, data_dir=shapes_tiny_dir)
+  training = split == "train"
+  dataset = make(source, shuffle=training, num_epochs=1, drop_remainder=False,
+                 prompt_types=SPATIAL if training else None, regenerate_prompts=training)
+  batches = list(dataset)
+  indices = np.concatenate([batch["index"] for batch in batches])
+  assert sorted(indices) == list(range(len(source)))
+  for batch in batches:
+    assert set(batch) == set(CONTRACT)
+    for key, (dtype, shape) in CONTRACT.items():
+      assert batch[key].dtype == dtype and batch[key].shape[1:] == shape, key
+    for row, index in enumerate(batch["index"]):
+      record = source[int(index)]
+      assert batch["modality"][row] == record["modality"] and batch["no_target"][row] == record["no_target"]
+      if not training:  # Test splits use the stored prompt, so evaluations repeat exactly.
+        assert batch["prompt_type"][row] == record["prompt_type"]
+      if batch["has_visual"][row]:
+        assert batch["ref_prompt"][row].any()
+      if not batch["no_target"][row]:
+        assert batch["mask"][row].any()
+
+
 def test_missing_tfds_dataset_names_it_and_how_to_build(tmp_path):
   _require_omniref_builder()
-  with pytest.raises(FileNotFoundError, match=r"'omniref/shapes_tiny'.*not built.*tfds build"):
+  with pytest.raises(FileNotFoundError, match=r"'omniref/shapes_tiny'.*not built.*tfds build.*array_record"):
     pipeline.from_tfds("omniref/shapes_tiny", "train", data_dir=str(tmp_path))
+
+
+def test_unknown_tfds_split_is_named(shapes_tiny_dir):
+  with pytest.raises(ValueError, match=r"split='validation' is not a split of the TFDS dataset 'omniref/shapes_tiny'"):
+    pipeline.from_tfds("omniref/shapes_tiny", "validation", data_dir=shapes_tiny_dir)

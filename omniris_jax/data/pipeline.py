@@ -255,9 +255,13 @@ def from_tfds(name: str, split: str, data_dir: str | None = None) -> Any:
     importlib.import_module(f"tfds_omniref.{builder_name}")
   except ImportError:
     pass  # Not one of ours (or not installed): TFDS may still know it.
-  how_to_build = (f"build it first, e.g. `tfds build tfds_omniref/{builder_name} "
-                  f"--config={name.split('/')[1] if '/' in name else '<config>'} "
-                  f"--data_dir={data_dir or '~/tensorflow_datasets'}` (array_record format)")
+  config_name = name.split("/")[1] if "/" in name else "<config>"
+  how_to_build = (f"build it first (array_record, which random access needs), e.g. `tfds build "
+                  f"tfds_omniref/{builder_name} --config={config_name} --file_format=array_record "
+                  f"--data_dir={data_dir or '~/tensorflow_datasets'}`")
+  if builder_name == "omniref":
+    how_to_build += (f", or in Python `tfds_omniref.omniref.data_source({config_name!r}, {split!r}, "
+                     f"data_dir=...)`, which builds on first use")
   try:
     return tfds.data_source(name, split=split, data_dir=data_dir, download=False)
   except tfds.core.registered.DatasetNotFoundError as error:

@@ -20,6 +20,7 @@ is wrong, because a wrong array shape deep inside a jitted model step tells nobo
 from __future__ import annotations
 
 import io
+import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -74,7 +75,13 @@ def _as_int(example: Example, field: str, names: Sequence[str]) -> int:
   """An integer code field, checked against the names it encodes."""
   if field not in example:
     raise _fail(example, f"field {field!r} is missing (expected an int code of {list(names)}).")
-  value = int(np.asarray(example[field]))
+  value = example[field]
+  if isinstance(value, (str, bytes, np.bytes_, np.str_)):  # A name, as generators yield before TFDS encodes it.
+    name = _as_text(value)
+    if name not in names:
+      raise _fail(example, f"{field}={name!r} is not one of {list(names)}.")
+    return names.index(name)
+  value = int(np.asarray(value))
   if not 0 <= value < len(names):
     raise _fail(example, f"{field}={value} is not a valid code; expected 0..{len(names) - 1} for {list(names)}.")
   return value
@@ -286,6 +293,13 @@ class ResizeToResolution(grain.transforms.Map):
     return example
 
 
+# grain runs transforms on several threads. Building the tokenizer lazily from two threads at once fails
+# (transformers' lazy module import is not thread-safe: "cannot import name 'BertTokenizer'"), and a Rust-backed
+# HF tokenizer used from two threads at once can raise "Already borrowed"; one lock per process serialises both.
+# Tokenising a 20-token expression takes tens of microseconds, so the lock costs nothing measurable.
+_TOKENIZER_LOCK = threading.Lock()
+
+
 class Tokenize(grain.transforms.Map):
   """The text prompt as BERT ids and attention mask of `max_text_len` ([CLS] ... [SEP] [PAD]...); zeros if none.
 
@@ -300,7 +314,8 @@ class Tokenize(grain.transforms.Map):
     example = dict(element)
     if element["has_text"]:
       try:
-        ids, attention_mask = self.tokenizer.encode(element["text"], self.max_text_len)
+        with _TOKENIZER_LOCK:
+          ids, attention_mask = self.tokenizer.encode(element["text"], self.max_text_len)
       except ValueError as error:
         raise _fail(element, f"text={element['text']!r} cannot be tokenised: {error}") from error
     else:

@@ -1,0 +1,266 @@
+"""Tests of the `omniref` TFDS builder on its `shapes_tiny` config, read back the way the pipeline reads it.
+
+`tfds.testing.DatasetBuilderTestCase` cannot run here: it reads through `as_dataset` (tf.data) and imports
+TensorFlow and dill, and this project builds and reads without TensorFlow. These tests make the same checks
+(registration, info, exact split counts, splits that do not overlap, examples that match the features) through
+`as_data_source`, plus the OmniRIS content rules and the bad-input behaviour.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+from omniris_jax.data import prompts
+from tfds_omniref.omniref import features as features_lib
+from tfds_omniref.omniref import omniref_dataset_builder as builder_lib
+from tfds_omniref.omniref import shapes as shapes_lib
+
+SPLITS = {"train": 18, "text_test": 9, "visual_test": 9, "omni_test": 9}
+_NO_GCS = tfds.download.DownloadConfig(try_download_gcs=False)
+_SINGLE, _MULTI = {"one_vs_one", "many_vs_one"}, {"one_vs_many", "many_vs_many"}
+
+
+def _build(data_dir) -> builder_lib.Builder:
+  builder = builder_lib.Builder(config="shapes_tiny", data_dir=os.fspath(data_dir), file_format="array_record")
+  builder.download_and_prepare(download_config=_NO_GCS)
+  return builder
+
+
+def _named(example: dict) -> dict:
+  """A decoded example with class labels as names and strings as str, for readable assertions."""
+  out = dict(example)
+  for key, names in (("modality", features_lib.MODALITY_NAMES), ("setting", features_lib.SETTING_NAMES),
+                     ("prompt_type", features_lib.PROMPT_TYPE_NAMES)):
+    out[key] = names[int(example[key])]
+  out["id"], out["text"] = example["id"].decode(), example["text"].decode()
+  return out
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+  data_dir = tmp_path_factory.mktemp("tfds")
+  builder = _build(data_dir)
+  examples = {split: [_named(e) for e in builder.as_data_source(split=split)] for split in SPLITS}
+  return data_dir, builder, examples
+
+
+def _all(examples):
+  return [e for split in SPLITS for e in examples[split]]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# What DatasetBuilderTestCase checks
+# ----------------------------------------------------------------------------------------------------------
+
+
+def test_builder_is_registered_under_its_name():
+  assert builder_lib.Builder.name == "omniref"
+  assert tfds.builder_cls("omniref") is builder_lib.Builder
+
+
+def test_info_has_the_feature_spec_description_citation_and_release_notes(built):
+  _, builder, _ = built
+  assert set(builder.info.features.keys()) == set(features_lib.omniris_features().keys())
+  assert "Omni-Referring" in builder.info.description
+  assert "Omni-Referring Image Segmentation" in builder.info.citation
+  assert str(builder.info.version) in builder_lib.Builder.RELEASE_NOTES
+  assert builder.builder_config.name == "shapes_tiny"
+
+
+def test_split_counts_are_exact(built):
+  _, builder, examples = built
+  assert {name: info.num_examples for name, info in builder.info.splits.items()} == SPLITS
+  assert {split: len(rows) for split, rows in examples.items()} == SPLITS
+
+
+def test_splits_do_not_overlap(built):
+  _, _, examples = built
+  # Stronger than TFDS's whole-example hash (ids alone would differ): no target image is shared either.
+  image_hashes = {split: {hashlib.md5(e["image"].tobytes()).hexdigest() for e in rows}
+                  for split, rows in examples.items()}
+  names = list(SPLITS)
+  for i, first in enumerate(names):
+    for second in names[i + 1:]:
+      assert not image_hashes[first] & image_hashes[second], f"{first} and {second} share images"
+  everything = _all(examples)
+  assert len({e["id"] for e in everything}) == len(everything)
+  assert len({e["image_id"] for e in everything}) == len(everything)
+
+
+def test_examples_decode_to_the_data_contract(built):
+  _, _, examples = built
+  size = builder_lib.SHAPES_TINY.shapes.image_size
+  for e in _all(examples):
+    assert e["image"].shape == (size, size, 3) and e["image"].dtype == np.uint8
+    for key in ("text_mask", "visual_mask", "mask"):
+      assert e[key].shape == (size, size, 1) and e[key].dtype == np.uint8, key
+    for key in features_lib.MASK_KEYS:
+      assert set(np.unique(e[key])) <= {0, 1}, (e["id"], key)
+    has_ref = e["ref_image_id"] != -1
+    ref_shape = (size, size) if has_ref else (1, 1)
+    assert e["ref_image"].shape == ref_shape + (3,)
+    for key in ("ref_mask", "ref_box", "ref_scribble"):
+      assert e[key].shape == ref_shape + (1,), (e["id"], key)
+    assert e["id"].startswith("shapes_tiny/")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# OmniRIS content rules
+# ----------------------------------------------------------------------------------------------------------
+
+
+def test_every_modality_and_setting_appears_where_it_applies(built):
+  _, _, examples = built
+  expected = {
+      "train": (set(features_lib.MODALITY_NAMES), set(features_lib.SETTING_NAMES)),
+      "text_test": ({"text"}, {"one_vs_one", "one_vs_many", "no_target"}),
+      "visual_test": ({"visual"}, {"one_vs_one", "one_vs_many", "no_target"}),
+      "omni_test": ({"omni"}, {"many_vs_one", "many_vs_many", "no_target"}),
+  }
+  for split, (modalities, settings) in expected.items():
+    assert {e["modality"] for e in examples[split]} == modalities, split
+    assert {e["setting"] for e in examples[split]} == settings, split
+
+
+def test_test_splits_are_one_third_single_multi_and_no_target(built):
+  _, _, examples = built
+  for split in ("text_test", "visual_test", "omni_test"):
+    settings = [e["setting"] for e in examples[split]]
+    third = len(settings) // 3
+    assert sum(s in _SINGLE for s in settings) == third, split
+    assert sum(s in _MULTI for s in settings) == third, split
+    assert settings.count("no_target") == third, split
+
+
+def test_prompt_types_follow_the_modality(built):
+  _, _, examples = built
+  assert {e["prompt_type"] for e in examples["text_test"]} == {"none"}
+  for split in ("visual_test", "omni_test"):
+    assert {e["prompt_type"] for e in examples[split]} == {"mask", "box", "scribble"}, split
+
+
+def test_prompts_are_present_exactly_as_the_modality_says(built):
+  _, _, examples = built
+  for e in _all(examples):
+    has_text, has_visual = e["modality"] in ("text", "omni"), e["modality"] in ("visual", "omni")
+    assert bool(e["text"]) == has_text, e["id"]
+    assert (e["ref_image_id"] != -1) == has_visual == (e["ref_category_id"] != -1), e["id"]
+    if not has_text:
+      assert not e["text_mask"].any(), e["id"]
+    if not has_visual:
+      assert not e["visual_mask"].any(), e["id"]
+    many = e["setting"] in ("many_vs_one", "many_vs_many")
+    assert e["setting"] == "no_target" or many == (e["modality"] == "omni"), e["id"]
+
+
+def test_reference_comes_from_a_different_image(built):
+  _, _, examples = built
+  target_ids = {e["image_id"] for e in _all(examples)}
+  for e in _all(examples):
+    if e["ref_image_id"] != -1:
+      assert e["ref_image_id"] != e["image_id"] and e["ref_image_id"] not in target_ids, e["id"]
+      assert not np.array_equal(e["ref_image"], e["image"]), e["id"]
+
+
+def test_box_is_the_tight_filled_rectangle_of_the_reference_mask(built):
+  _, _, examples = built
+  for e in _all(examples):
+    if e["ref_image_id"] == -1:
+      continue
+    rows, cols = np.nonzero(e["ref_mask"][..., 0])
+    assert rows.size, e["id"]
+    expected = np.zeros_like(e["ref_mask"])
+    expected[rows.min():rows.max() + 1, cols.min():cols.max() + 1] = 1
+    np.testing.assert_array_equal(e["ref_box"], expected, err_msg=e["id"])
+    np.testing.assert_array_equal(e["ref_box"], prompts.box_from_mask(e["ref_mask"]), err_msg=e["id"])
+
+
+def test_scribble_is_inside_the_reference_mask_and_not_empty(built):
+  _, _, examples = built
+  for e in _all(examples):
+    if e["ref_image_id"] != -1:
+      assert e["ref_scribble"].any(), e["id"]
+      assert np.all(e["ref_mask"][e["ref_scribble"] == 1] == 1), e["id"]
+
+
+def test_mask_is_the_union_of_text_and_visual_masks(built):
+  _, _, examples = built
+  for e in _all(examples):
+    np.testing.assert_array_equal(e["mask"], e["text_mask"] | e["visual_mask"], err_msg=e["id"])
+
+
+def test_no_target_exactly_when_the_mask_is_empty(built):
+  _, _, examples = built
+  for e in _all(examples):
+    assert e["no_target"] == (not e["mask"].any()) == (e["setting"] == "no_target"), e["id"]
+    assert (len(e["category_ids"]) == 0) == e["no_target"], e["id"]
+
+
+def test_building_twice_gives_identical_bytes(built, tmp_path):
+  data_dir, builder, _ = built
+  again = _build(tmp_path)
+  for split in SPLITS:
+    first = [e["image"].tobytes() + e["ref_scribble"].tobytes() for e in builder.as_data_source(split=split)]
+    second = [e["image"].tobytes() + e["ref_scribble"].tobytes() for e in again.as_data_source(split=split)]
+    assert first == second, split
+  files = sorted(p.name for p in (tmp_path / "omniref" / "shapes_tiny" / "1.0.0").iterdir()
+                 if "array_record" in p.name)
+  assert len(files) == len(SPLITS)
+  for name in files:
+    original = (data_dir / "omniref" / "shapes_tiny" / "1.0.0" / name).read_bytes()
+    assert original == (tmp_path / "omniref" / "shapes_tiny" / "1.0.0" / name).read_bytes(), name
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Bad input
+# ----------------------------------------------------------------------------------------------------------
+
+
+def test_unknown_config_lists_the_known_configs(tmp_path):
+  with pytest.raises(ValueError, match=r"known configs: \['shapes', 'shapes_tiny'\]"):
+    builder_lib.Builder(config="shapez", data_dir=os.fspath(tmp_path))
+  with pytest.raises(ValueError, match="shapes_tiny"):
+    tfds.builder("omniref/nope", data_dir=os.fspath(tmp_path))
+  with pytest.raises(ValueError, match="splits are"):
+    builder_lib.data_source("shapes_tiny", "validation", data_dir=os.fspath(tmp_path))
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(image_size=32), "image_size"),
+    (dict(num_text_test=10), "multiple of 3"),
+    (dict(num_omni_test=0), "multiple of 3"),
+    (dict(num_train=4), "num_train"),
+    (dict(min_objects=2), "min_objects"),
+    (dict(min_objects=5, max_objects=4), "max_objects"),
+])
+def test_impossible_generator_parameters_fail_clearly(kwargs, message):
+  with pytest.raises(ValueError, match=message):
+    shapes_lib.ShapesConfig(**kwargs)
+
+
+def test_config_without_generator_parameters_fails_clearly():
+  with pytest.raises(ValueError, match="source"):
+    builder_lib.OmnirefConfig(name="coco", source="coco")
+  with pytest.raises(ValueError, match="ShapesConfig"):
+    builder_lib.OmnirefConfig(name="shapes_broken", source="shapes")
+
+
+def test_failure_mid_generation_leaves_no_dataset_behind(tmp_path, monkeypatch):
+  real = shapes_lib.generate_example
+
+  def failing(config, split, index, config_name="shapes"):
+    if split == "visual_test" and index == 4:
+      raise RuntimeError("disk full (simulated)")
+    return real(config, split, index, config_name)
+
+  monkeypatch.setattr(shapes_lib, "generate_example", failing)
+  with pytest.raises(RuntimeError, match="simulated"):
+    _build(tmp_path)
+  dataset_dir = tmp_path / "omniref" / "shapes_tiny"
+  leftovers = [p.name for p in dataset_dir.iterdir()] if dataset_dir.exists() else []
+  assert leftovers == [], f"half-written data left in {dataset_dir}: {leftovers}"

@@ -120,25 +120,37 @@ def multi_scale_deformable_attention(
   return get_implementation(implementation)(value, spatial_shapes, sampling_locations, attention_weights)
 
 
-def _bilinear_corners(locations: Array, height: int, width: int):
-  """Yields (flat index, weight) for the four corners of `grid_sample(align_corners=False)` sampling.
+def _bilinear_corners(locations: Array, spatial_shapes: SpatialShapes) -> tuple[Array, Array]:
+  """Flat value indices and weights of the four bilinear corners, `grid_sample(align_corners=False)` style.
 
-  `locations` (..., 2) are normalised (x, y). Out-of-map corners get index 0 and weight 0, which is exactly
-  zero padding. The weights keep their gradient w.r.t. the locations (floor() has none), as grid_sample's does.
+  Args:
+    locations: (..., L, P, 2) normalised (x, y), level axis third from the end.
+    spatial_shapes: the L (H_l, W_l).
+
+  Returns:
+    (index, weight), each (..., L, P, 4): `index` into the concatenated levels (level start offsets added),
+    `weight` the bilinear weight. A corner outside its map gets a clipped index and weight 0, which is exactly
+    zero padding; the weights keep their gradient w.r.t. the locations (floor() has none), as grid_sample's do.
   """
-  x = locations[..., 0] * width - 0.5
-  y = locations[..., 1] * height - 0.5
+  heights = jnp.asarray([h for h, _ in spatial_shapes], jnp.float32)[:, None]  # (L, 1) against (L, P)
+  widths = jnp.asarray([w for _, w in spatial_shapes], jnp.float32)[:, None]
+  starts = jnp.asarray(np.cumsum([0] + [h * w for h, w in spatial_shapes[:-1]]), jnp.int32)[:, None]
+  x = locations[..., 0] * widths - 0.5
+  y = locations[..., 1] * heights - 0.5
   x0 = jnp.floor(x)
   y0 = jnp.floor(y)
   frac_x = x - x0
   frac_y = y - y0
+  indices, weights = [], []
   for dy, weight_y in ((0, 1.0 - frac_y), (1, frac_y)):
     for dx, weight_x in ((0, 1.0 - frac_x), (1, frac_x)):
       corner_x = x0 + dx
       corner_y = y0 + dy
-      inside = (corner_x >= 0) & (corner_x <= width - 1) & (corner_y >= 0) & (corner_y <= height - 1)
-      index = (jnp.clip(corner_y, 0, height - 1) * width + jnp.clip(corner_x, 0, width - 1)).astype(jnp.int32)
-      yield index, jnp.where(inside, weight_x * weight_y, 0.0)
+      inside = (corner_x >= 0) & (corner_x <= widths - 1) & (corner_y >= 0) & (corner_y <= heights - 1)
+      flat = jnp.clip(corner_y, 0, heights - 1) * widths + jnp.clip(corner_x, 0, widths - 1)
+      indices.append(starts + flat.astype(jnp.int32))
+      weights.append(jnp.where(inside, weight_x * weight_y, 0.0))
+  return jnp.stack(indices, -1), jnp.stack(weights, -1)
 
 
 def _multi_scale_deformable_attention_xla(
@@ -147,27 +159,26 @@ def _multi_scale_deformable_attention_xla(
     sampling_locations: Array,
     attention_weights: Array,
 ) -> Array:
-  """Gather-based reference implementation (jit- and grad-friendly; loops only over levels and corners)."""
+  """Gather-based reference implementation: one gather and one contraction, no Python loop over queries.
+
+  Every (batch, head) pair gathers its L*P*4 corner vectors per query from its own (S, head_dim) table and
+  contracts them with bilinear x attention weights. jit- and grad-friendly (the value gradient is the
+  scatter-add XLA derives from the gather).
+  """
   batch, _, num_heads, head_dim = value.shape
-  num_queries, num_points = sampling_locations.shape[1], sampling_locations.shape[4]
+  num_queries = sampling_locations.shape[1]
   # Heads move next to batch so each (batch, head) pair gathers from its own (S, head_dim) table.
   value = jnp.transpose(value, (0, 2, 1, 3)).reshape(batch * num_heads, -1, head_dim)
   locations = jnp.transpose(sampling_locations, (0, 2, 1, 3, 4, 5)).reshape(
-      batch * num_heads, num_queries, len(spatial_shapes), num_points, 2)
+      batch * num_heads, num_queries, *sampling_locations.shape[3:])
   weights = jnp.transpose(attention_weights, (0, 2, 1, 3, 4)).reshape(
-      batch * num_heads, num_queries, len(spatial_shapes), num_points)
-  gather = jax.vmap(lambda table, index: jnp.take(table, index, axis=0, mode="clip"))
-
-  output = jnp.zeros((batch * num_heads, num_queries, head_dim), jnp.result_type(value, weights))
-  start = 0
-  for level, (height, width) in enumerate(spatial_shapes):
-    level_value = value[:, start:start + height * width]
-    start += height * width
-    level_weights = weights[:, :, level]
-    for index, corner_weight in _bilinear_corners(locations[:, :, level], height, width):
-      sampled = gather(level_value, index.reshape(batch * num_heads, -1))
-      sampled = sampled.reshape(batch * num_heads, num_queries, num_points, head_dim)
-      output = output + jnp.einsum("nqpd,nqp->nqd", sampled, (corner_weight * level_weights).astype(sampled.dtype))
+      batch * num_heads, num_queries, *attention_weights.shape[3:])
+  index, corner_weight = _bilinear_corners(locations, spatial_shapes)  # (N, Q, L, P, 4)
+  weights = (corner_weight * weights[..., None]).reshape(batch * num_heads, num_queries, -1)
+  gather = jax.vmap(lambda table, rows: jnp.take(table, rows, axis=0, mode="clip"))
+  sampled = gather(value, index.reshape(batch * num_heads, -1)).reshape(
+      batch * num_heads, num_queries, -1, head_dim)
+  output = jnp.einsum("nqkd,nqk->nqd", sampled, weights.astype(sampled.dtype))
   output = output.reshape(batch, num_heads, num_queries, head_dim)
   return jnp.transpose(output, (0, 2, 1, 3)).reshape(batch, num_queries, num_heads * head_dim)
 

@@ -1,0 +1,45 @@
+"""The main job on the embedded synthetic data: builds it, summarises it, previews it, draws batches."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from omniris_jax import main
+from omniris_jax.data import prepare
+
+from configs import joint  # noqa: E402  (configs/ is importable from the repo root, where pytest runs)
+
+
+def _tiny_demo_config():
+  config = joint.get_config("demo")
+  config.dataset.name = "omniref/shapes_tiny"
+  config.input.resolution = 64
+  config.input.batch_size = 2
+  return config
+
+
+def test_main_job_prepares_the_synthetic_data(tmp_path, capsys):
+  config = _tiny_demo_config()
+  config.dataset.data_dir = str(tmp_path / "data")
+  main.prepare_data(config, str(tmp_path / "work"))
+  out = capsys.readouterr().out
+  assert "| train | 18 |" in out and "| omni_test | 9 |" in out
+  assert "text_ids             int32    (2, 20)" in out
+  assert os.path.getsize(tmp_path / "work" / "preview.png") > 10_000
+
+
+def test_real_dataset_that_is_not_built_fails_with_how_to_build_it(tmp_path, monkeypatch):
+  # Pretend 'shapes_tiny' were a real (downloaded) dataset: it must not be built implicitly.
+  monkeypatch.setattr(prepare, "SYNTHETIC_CONFIGS", ())
+  with pytest.raises(FileNotFoundError, match=r"'omniref/shapes_tiny' is not built in .*tfds build"):
+    prepare.ensure_built("omniref/shapes_tiny", str(tmp_path))
+  assert not any(tmp_path.iterdir())  # nothing written
+
+
+def test_unknown_dataset_and_variant_are_named():
+  with pytest.raises(ValueError, match="Unknown dataset 'omniref/nope'"):
+    prepare.ensure_built("omniref/nope", None)
+  with pytest.raises(ValueError, match="Unknown config variant 'dmeo'"):
+    joint.get_config("dmeo")

@@ -283,6 +283,22 @@ def test_restored_iterator_yields_the_same_batches():
   assert_batches_equal([next(restored) for _ in range(4)], expected)
 
 
+def test_orbax_checkpoint_of_the_iterator_restores_the_same_batches(tmp_path):
+  """The trainer saves the iterator next to the train state with orbax's grain handler; this is that round trip."""
+  ocp = pytest.importorskip("orbax.checkpoint")
+  iterator = iter(make())
+  for _ in range(5):
+    next(iterator)
+  manager = ocp.CheckpointManager(tmp_path / "checkpoints", item_names=("data",),
+                                  item_handlers={"data": grain.checkpoint.CheckpointHandler()})
+  manager.save(5, args=ocp.args.Composite(data=grain.checkpoint.CheckpointSave(iterator)))
+  manager.wait_until_finished()
+  expected = [next(iterator) for _ in range(3)]
+  restored = iter(make())
+  manager.restore(5, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(restored)))
+  assert_batches_equal([next(restored) for _ in range(3)], expected)
+
+
 def test_mixed_dataset_keeps_the_7_to_2_ratio_and_restores():
   text_source = [make_record(index, modality=0) for index in range(11)]
   visual_source = [make_record(index, modality=1) for index in range(7)]

@@ -126,7 +126,8 @@ def render_preview(
   Each example gets two panels, three with predictions: the target image with its ground truth lit and
   outlined (text referent red, visual referent blue, both purple; the rest dimmed), the reference image with the
   spatial prompt of its `prompt_type` (yellow), and the predicted union mask (green) when `predictions` (one
-  (H, W) or (H, W, 1) mask per example) is given. Captions show modality, setting, prompt type, the text prompt and the no-target flag.
+  (H, W) or (H, W, 1) mask per example) is given. Captions show modality, setting, prompt type, the text
+  prompt and the no-target flag.
 
   Args:
     examples: examples under the OmniRIS feature names, as generated or as read from TFDS.

@@ -42,7 +42,7 @@ def omniris_features() -> tfds.features.FeaturesDict:
       "ref_image": rgb("Reference image of the visual prompt; 1x1 black placeholder when none."),
       "ref_image_id": tfds.features.Scalar(np.int64, doc="Id of the reference image; -1 when none."),
       "ref_mask": binary("Mask prompt on the reference image, 0/1; 1x1 placeholder when none."),
-      "ref_box": binary("Box prompt: the tight bounding rectangle of ref_mask, filled; 1x1 placeholder when none."),
+      "ref_box": binary("Box prompt: the tight bounding rectangle of ref_mask, filled; 1x1 placeholder if none."),
       "ref_scribble": binary("Scribble prompt: strokes inside ref_mask; 1x1 placeholder when none."),
       "visual_mask": binary("Ground truth of the visual referent on the target, 0/1; zeros when none."),
       "mask": binary("Ground truth of the union of the referents, 0/1."),

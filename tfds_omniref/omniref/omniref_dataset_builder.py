@@ -1,7 +1,7 @@
 """TFDS builder `omniref`: OmniRIS examples from several sources behind one feature spec.
 
 Configs (`tfds.data_source('omniref/<config>', ...)`):
-  shapes        procedural scenes (no download; shapes.py), 128x128, 3600 train + 3 x 360 test examples
+  shapes        procedural scenes (no download; shapes.py), 128x128, 3000 train + 3 x 300 test examples
   shapes_tiny   the same generator at 64x64 with 18 + 3 x 9 examples, for tests
 A later issue adds `released` (the authors' OmniRef files, manual download), `rebuilt` (the paper's pipeline from
 COCO, gRefCOCO and RefCOCOg) and the RIS benchmarks; they will yield the same features (features.py).
@@ -50,7 +50,7 @@ class OmnirefConfig(tfds.core.BuilderConfig):
 
 SHAPES = OmnirefConfig(
     name="shapes",
-    description="Procedural OmniRIS scenes (128x128): 3600 train, 360 per test split; no download.",
+    description="Procedural OmniRIS scenes (128x128): 3000 train, 300 per test split; no download.",
     source="shapes",
     shapes=shapes_lib.ShapesConfig(),
 )

@@ -264,3 +264,12 @@ def test_failure_mid_generation_leaves_no_dataset_behind(tmp_path, monkeypatch):
   dataset_dir = tmp_path / "omniref" / "shapes_tiny"
   leftovers = [p.name for p in dataset_dir.iterdir()] if dataset_dir.exists() else []
   assert leftovers == [], f"half-written data left in {dataset_dir}: {leftovers}"
+
+
+def test_preview_renders_examples_as_read_from_tfds(built, tmp_path):
+  from omniris_jax.data import visualize  # pylint: disable=g-import-not-at-top
+  _, builder, _ = built
+  source = builder.as_data_source(split="omni_test")
+  path = tmp_path / "omni_test.png"
+  visualize.render_preview([source[i] for i in range(3)], str(path))  # bytes text, integer class labels
+  assert path.read_bytes()[:4] == b"\x89PNG"

@@ -73,7 +73,7 @@ class ShapesConfig:
 
   Attributes:
     image_size: side of the square target and reference images, in pixels (>= 64 so small shapes stay visible).
-    num_train: examples in `train` (mixes all modalities and target kinds in equal ninths; >= 9).
+    num_train: examples in `train` (cycles through all 3 modalities x 3 target kinds; >= 9).
     num_text_test: examples in `text_test` (a multiple of 3: single / multi / no-target thirds).
     num_visual_test: examples in `visual_test` (a multiple of 3).
     num_omni_test: examples in `omni_test` (a multiple of 3).
@@ -83,10 +83,10 @@ class ShapesConfig:
   """
 
   image_size: int = 128
-  num_train: int = 3600
-  num_text_test: int = 360
-  num_visual_test: int = 360
-  num_omni_test: int = 360
+  num_train: int = 3000
+  num_text_test: int = 300
+  num_visual_test: int = 300
+  num_omni_test: int = 300
   min_objects: int = 3
   max_objects: int = 6
   seed: int = 0

@@ -273,3 +273,12 @@ def test_preview_renders_examples_as_read_from_tfds(built, tmp_path):
   path = tmp_path / "omni_test.png"
   visualize.render_preview([source[i] for i in range(3)], str(path))  # bytes text, integer class labels
   assert path.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_build_command_builds_without_the_tfds_cli(tmp_path, capsys):
+  from tfds_omniref import build  # pylint: disable=g-import-not-at-top
+  build.main(["--config", "shapes_tiny", "--data_dir", str(tmp_path)])
+  assert "'omni_test': 9" in capsys.readouterr().out
+  assert len(list((tmp_path / "omniref" / "shapes_tiny" / "1.0.0").glob("*.array_record-*"))) == len(SPLITS)
+  with pytest.raises(SystemExit):  # argparse names the valid choices on stderr
+    build.main(["--config", "shapez", "--data_dir", str(tmp_path)])

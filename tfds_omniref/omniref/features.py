@@ -12,6 +12,7 @@ bool, `category_ids` as a list of int64.
 
 from __future__ import annotations
 
+import functools
 import io
 from typing import Any, Mapping
 
@@ -56,6 +57,12 @@ def omniris_features() -> tfds.features.FeaturesDict:
   })
 
 
+@functools.cache
+def feature_names() -> frozenset[str]:
+  """The feature names of `omniris_features()` (cached: building the FeaturesDict per example is slow)."""
+  return frozenset(omniris_features().keys())
+
+
 def encode_png(array: np.ndarray, name: str = "image") -> bytes:
   """PNG bytes of a uint8 (H, W, 3) image or (H, W, 1) / (H, W) mask; fast compression (the files are small)."""
   array = np.asarray(array)
@@ -76,7 +83,7 @@ def encode_example(example: Mapping[str, Any]) -> dict[str, Any]:
   Images and masks become PNG bytes (so TFDS needs no TensorFlow); masks are checked to be 0/1 so a 0/255 mask
   cannot slip in; everything else passes through (ClassLabel features take names or indices).
   """
-  expected = set(omniris_features().keys())
+  expected = feature_names()
   missing, extra = expected - set(example), set(example) - expected
   if missing or extra:
     raise ValueError(f"example {example.get('id')!r} must have exactly the OmniRIS features; "

@@ -282,3 +282,14 @@ def test_build_command_builds_without_the_tfds_cli(tmp_path, capsys):
   assert len(list((tmp_path / "omniref" / "shapes_tiny" / "1.0.0").glob("*.array_record-*"))) == len(SPLITS)
   with pytest.raises(SystemExit):  # argparse names the valid choices on stderr
     build.main(["--config", "shapez", "--data_dir", str(tmp_path)])
+
+
+def test_encoding_rejects_examples_that_break_the_spec():
+  example = shapes_lib.generate_example(builder_lib.SHAPES_TINY.shapes, "omni_test", 0)
+  assert set(features_lib.encode_example(example)) == features_lib.feature_names()
+  with pytest.raises(ValueError, match=r"missing \['text'\]"):
+    features_lib.encode_example({k: v for k, v in example.items() if k != "text"})
+  with pytest.raises(ValueError, match="mask of example .* must be 0/1"):
+    features_lib.encode_example(dict(example, mask=example["mask"] * 255))
+  with pytest.raises(ValueError, match="uint8"):
+    features_lib.encode_example(dict(example, image=example["image"].astype(np.float32)))

@@ -6,7 +6,7 @@ measures that figure on the procedural `omniref/shapes` training split (128x128 
 transforms: decode, random prompt type with box/scribble regenerated from the reference mask, resize,
 tokenisation, and batching, at the paper's 480x480 and at the demo's 128x128.
 
-  python benchmarks/input_pipeline.py [--data_dir=DIR] [--batches=20] [--batch_size=16]
+  python benchmarks/input_pipeline.py [--data_dir=DIR] [--batches=20] [--batch_size=16] [--worker_counts=0,1,2]
 
 Without --data_dir the dataset is built into a temporary directory first (about a minute for `shapes`).
 Prints one line per (resolution, read threads) and a per-stage breakdown in milliseconds per example.
@@ -34,6 +34,8 @@ _BATCH_SIZE = flags.DEFINE_integer("batch_size", 16, "examples per batch.")
 _RESOLUTIONS = flags.DEFINE_list("resolutions", ["480", "128"], "square sizes S to measure.")
 _THREADS = flags.DEFINE_list("read_threads", ["0", "2"], "grain read threads per process to measure "
                              "(0 = everything on the calling thread: the per-worker figure).")
+_WORKER_COUNTS = flags.DEFINE_list("worker_counts", ["0"], "grain worker processes to measure; counts above 0 "
+                                   "add the cost of shipping batches between processes (read_threads=0 there).")
 _STAGE_EXAMPLES = flags.DEFINE_integer("stage_examples", 200, "examples for the per-stage breakdown.")
 
 
@@ -47,18 +49,21 @@ def _open_source(data_dir: str):
   return source
 
 
-def _throughput(source, resolution: int, read_threads: int) -> float:
-  """Examples per second out of the training pipeline, after warm-up (tokenizer load, thread start)."""
+def _throughput(source, resolution: int, worker_count: int, read_threads: int) -> float:
+  """Examples per second out of the training pipeline, after warm-up (tokenizer load, thread/worker start)."""
   dataset = pipeline.make_dataset(source, resolution=resolution, batch_size=_BATCH_SIZE.value, seed=0,
                                   shuffle=True, num_epochs=None, prompt_types=transforms.SPATIAL_PROMPT_TYPES,
-                                  regenerate_prompts=True, worker_count=0, read_threads=read_threads)
+                                  regenerate_prompts=True, worker_count=worker_count, read_threads=read_threads)
   iterator = iter(dataset)
-  for _ in range(2):
-    next(iterator)
-  start = time.perf_counter()
-  for _ in range(_BATCHES.value):
-    next(iterator)
-  return _BATCHES.value * _BATCH_SIZE.value / (time.perf_counter() - start)
+  try:
+    for _ in range(2 + worker_count):
+      next(iterator)
+    start = time.perf_counter()
+    for _ in range(_BATCHES.value):
+      next(iterator)
+    return _BATCHES.value * _BATCH_SIZE.value / (time.perf_counter() - start)
+  finally:
+    iterator.close()
 
 
 def _stage_breakdown(source, resolution: int) -> dict[str, float]:
@@ -97,10 +102,11 @@ def main(argv):
   with tempfile.TemporaryDirectory() as temporary_dir:
     source = _open_source(_DATA_DIR.value or temporary_dir)
     for resolution in map(int, _RESOLUTIONS.value):
-      for read_threads in map(int, _THREADS.value):
-        rate = _throughput(source, resolution, read_threads)
-        print(f"S={resolution:4d}  worker_count=0 read_threads={read_threads}: {rate:8.1f} examples/s "
-              f"({1000 / rate:6.2f} ms/example)")
+      for worker_count in map(int, _WORKER_COUNTS.value):
+        for read_threads in map(int, _THREADS.value) if worker_count == 0 else (0,):
+          rate = _throughput(source, resolution, worker_count, read_threads)
+          print(f"S={resolution:4d}  worker_count={worker_count} read_threads={read_threads}: {rate:8.1f} "
+                f"examples/s ({1000 / rate:6.2f} ms/example)", flush=True)
       breakdown = _stage_breakdown(source, resolution)
       print(f"S={resolution:4d}  per stage (ms/example, one thread): "
             + ", ".join(f"{name} {ms:.2f}" for name, ms in breakdown.items())

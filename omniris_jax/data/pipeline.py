@@ -149,7 +149,7 @@ def make_dataset(
   Args:
     source: `tfds.data_source(...)` split (see `from_tfds`) or any sequence of record dicts.
     resolution: S, the square side that images, masks and prompts are resized to (paper: 480).
-    batch_size: examples per batch on this process (the per-host batch, not the global one).
+    batch_size: examples per batch on this process: the global batch // process_count.
     max_text_len: L, the token length (paper: 20).
     seed: seeds the shuffle and all random choices; the same seed gives the same batches.
     shuffle: shuffle the records, differently each epoch.
@@ -162,7 +162,8 @@ def make_dataset(
     worker_count: grain worker processes for the transforms; 0 runs them in this process (tests, debugging).
     drop_remainder: drop a last partial batch (keep it for evaluation).
     vocab_path: the tokenizer's vocab.txt; None uses the pretrained MiniLM vocabulary.
-    read_threads: threads per process that produce batches (PIL and numpy release the GIL for much of the work).
+    read_threads: threads per process that produce batches ahead of `next()`, so input work overlaps the jitted
+      step (which releases the GIL); 0 produces each batch inside `next()` (benchmarks/RESULTS.md has figures).
     prefetch_batches: batches buffered ahead, per thread pool and per worker.
 
   Returns:

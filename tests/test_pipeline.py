@@ -246,9 +246,17 @@ def test_record_bytes_are_decoded_like_arrays():
     buffer = io.BytesIO()
     Image.fromarray(record[key]).save(buffer, format="PNG")
     encoded[key] = buffer.getvalue()
-  buffer = io.BytesIO()
-  Image.fromarray(record["mask"][..., 0] * 255).save(buffer, format="PNG")
-  encoded["mask"] = buffer.getvalue()
+  # Masks as PNGs of the modes datasets use: 0/255 grey, 1-bit, and palette indices 0/1 (palette colour of
+  # index 1 is black here, so a grey conversion would lose the mask).
+  grey, one_bit, palette = (Image.fromarray(record["mask"][..., 0] * 255),
+                            Image.fromarray(record["ref_mask"][..., 0].astype(bool)),
+                            Image.fromarray(record["ref_box"][..., 0], mode="P"))
+  palette.putpalette([255, 255, 255, 0, 0, 0] + [0] * 762)
+  for key, pil_image in (("mask", grey), ("ref_mask", one_bit), ("ref_box", palette)):
+    buffer = io.BytesIO()
+    pil_image.save(buffer, format="PNG")
+    encoded[key] = buffer.getvalue()
+  record["prompt_type"] = encoded["prompt_type"] = 2  # The box: read from the palette PNG.
   from_arrays = take(make([record], batch_size=1, prompt_types=None), 1)
   from_bytes = take(make([encoded], batch_size=1, prompt_types=None), 1)
   assert_batches_equal(from_arrays, from_bytes)
@@ -371,6 +379,7 @@ def _with(modality=1, **changes):
     (dict(modality=2, text=b"  \t "), r"text='  \\t ' is empty but modality='omni'"),
     (dict(prompt_type=2, ref_box=None), r"field 'ref_box' is missing"),
     (dict(modality=7), r"modality=7 is not a valid code"),
+    (dict(modality=0, text=b"\xff\xfe the cat"), r"text is not valid UTF-8"),
     (dict(no_target=True), r"no_target is True but mask has"),
     (dict(prompt_type=0), r"prompt_type=0 \('none'\) but modality='visual'"),
 ])

@@ -90,7 +90,8 @@ def _as_int(example: Example, field: str, names: Sequence[str]) -> int:
 def _decode_array(example: Example, field: str, channels: int) -> np.ndarray:
   """A uint8 (H, W, channels) array from a decoded array or from PNG/JPEG bytes; fails clearly otherwise."""
   if field not in example or example[field] is None:
-    raise _fail(example, f"field {field!r} is missing; every record needs it (see DESIGN.md section 3).")
+    raise _fail(example, f"field {field!r} is missing; every record needs it (the features are listed in "
+                         "tfds_omniref/omniref/features.py).")
   value = example[field]
   if isinstance(value, np.ndarray) and value.dtype.kind in "SO" and value.shape == ():
     value = value.item()
@@ -99,8 +100,12 @@ def _decode_array(example: Example, field: str, channels: int) -> np.ndarray:
       raise _fail(example, f"{field} is empty bytes; expected an encoded PNG/JPEG image.")
     try:
       with Image.open(io.BytesIO(bytes(value))) as pil_image:
-        pil_image = pil_image.convert("RGB" if channels == 3 else "L")
-        value = np.asarray(pil_image)
+        if channels == 3:
+          value = np.asarray(pil_image.convert("RGB"))
+        elif pil_image.mode in ("1", "L", "P", "I", "I;16"):  # Keep stored values (palette indices, 0/1).
+          value = np.asarray(pil_image)
+        else:
+          value = np.asarray(pil_image.convert("L"))
     except Exception as error:  # PIL raises several types for corrupt data; all mean the same here.
       raise _fail(example, f"{field} bytes could not be decoded as an image ({type(error).__name__}: {error}); "
                            "the stored file is corrupt or not PNG/JPEG.") from error
@@ -178,7 +183,10 @@ class DecodeAndValidate(grain.transforms.Map):
     if example["no_target"] and example["mask"].any():
       raise _fail(example, f"no_target is True but mask has {int(example['mask'].sum())} foreground pixels.")
 
-    text = _as_text(example.get("text", ""))
+    try:
+      text = _as_text(example.get("text", ""))
+    except UnicodeDecodeError as error:
+      raise _fail(example, f"text is not valid UTF-8 ({error}).") from error
     if has_text and not text.strip():
       raise _fail(example, f"text={text!r} is empty but modality={MODALITY_NAMES[modality]!r} says the record has "
                            "a text prompt; give it an expression or mark it modality='visual'.")

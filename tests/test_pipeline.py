@@ -279,6 +279,19 @@ def test_process_shards_are_disjoint_and_cover_the_epoch():
   assert abs(len(shards[0]) - len(shards[1])) <= 1
 
 
+def test_padded_evaluation_gives_every_process_the_same_full_batches():
+  shards = []
+  for process_index in range(2):
+    dataset = make(shuffle=False, num_epochs=1, prompt_types=None, process_index=process_index, process_count=2,
+                   batch_size=4, drop_remainder=False, pad_to_full_batches=True)
+    batches = list(dataset)
+    assert len(batches) == 4 and all(batch["index"].shape == (4,) for batch in batches)  # ceil(ceil(30/2)/4)
+    shards.append(np.concatenate([batch["index"] for batch in batches]))
+  real = np.concatenate(shards)
+  assert (real == -1).sum() == 2 * 16 - len(SOURCE)
+  assert sorted(real[real >= 0]) == list(range(len(SOURCE)))
+
+
 def test_restored_iterator_yields_the_same_batches():
   dataset = make()
   iterator = iter(dataset)

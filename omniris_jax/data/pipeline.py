@@ -21,7 +21,8 @@ Batch contract (numpy arrays with a leading batch dimension B; the model and tra
   setting              int32   (B,)          0 one_vs_one, 1 one_vs_many, 2 many_vs_one, 3 many_vs_many,
                                              4 no_target
   prompt_type          int32   (B,)          the spatial prompt actually used: 0 none, 1 mask, 2 box, 3 scribble
-  index                int64   (B,)          the record's index in its source (to find it when it is wrong)
+  index                int64   (B,)          the record's index in its source (to find it when it is wrong);
+                                             -1 marks a padding row (only with `pad_to_full_batches`)
 
 S = `resolution` (paper: 480), L = `max_text_len` (paper: 20).
 
@@ -93,6 +94,22 @@ def _records(source: Any, *, seed: int, shuffle: bool, num_epochs: int | None, p
   return dataset[process_index::process_count]
 
 
+def _padded_to_full_batches(records: grain.MapDataset, first_record: grain.MapDataset, *, num_records: int,
+                            process_count: int, batch_size: int) -> grain.MapDataset:
+  """This process's finite shard, topped up with padding rows to the same whole number of batches everywhere.
+
+  Multi-host evaluation runs one jitted step per batch on every process together, so every process must yield
+  the same number of full batches although the shards differ in length by one and the last batch is partial.
+  """
+  per_process = -(-num_records // process_count)
+  target = -(-per_process // batch_size) * batch_size
+  missing = target - len(records)
+  if missing == 0:
+    return records
+  padding = first_record.repeat(missing).map(transforms.MarkPadding())
+  return grain.MapDataset.concatenate([records, padding])
+
+
 def _transformed(records: grain.MapDataset, *, resolution: int, max_text_len: int,
                  prompt_types: Sequence[str] | None, regenerate_prompts: bool,
                  vocab_path: str | None) -> grain.MapDataset:
@@ -136,6 +153,7 @@ def make_dataset(
     process_count: int = 1,
     worker_count: int = 0,
     drop_remainder: bool = True,
+    pad_to_full_batches: bool = False,
     vocab_path: str | None = None,
     read_threads: int = 2,
     prefetch_batches: int = 4,
@@ -144,7 +162,7 @@ def make_dataset(
 
   Training: `shuffle=True, num_epochs=None, prompt_types=('mask', 'box', 'scribble'), regenerate_prompts=True`.
   Evaluation: `shuffle=False, num_epochs=1, prompt_types=None, drop_remainder=False`, so each record is seen once
-  with its stored prompt.
+  with its stored prompt; on several processes add `pad_to_full_batches=True` and drop rows with `index == -1`.
 
   Args:
     source: `tfds.data_source(...)` split (see `from_tfds`) or any sequence of record dicts.
@@ -161,6 +179,9 @@ def make_dataset(
     process_count: how many processes read disjoint shards (`jax.process_count()`).
     worker_count: grain worker processes for the transforms; 0 runs them in this process (tests, debugging).
     drop_remainder: drop a last partial batch (keep it for evaluation).
+    pad_to_full_batches: (finite `num_epochs` only) top every process's shard up with padding rows (copies of
+      record 0 with `index = -1`) so that all processes yield the same number of full batches; for multi-host
+      evaluation, where a partial or missing batch on one process would stall the others.
     vocab_path: the tokenizer's vocab.txt; None uses the pretrained MiniLM vocabulary.
     read_threads: threads per process that produce batches ahead of `next()`, so input work overlaps the jitted
       step (which releases the GIL); 0 produces each batch inside `next()` (benchmarks/RESULTS.md has figures).
@@ -174,6 +195,13 @@ def make_dataset(
                      worker_count=worker_count, prompt_types=prompt_types)
   records = _records(source, seed=seed, shuffle=shuffle, num_epochs=num_epochs, process_index=process_index,
                      process_count=process_count, name="source")
+  if pad_to_full_batches:
+    if num_epochs is None:
+      raise ValueError("pad_to_full_batches=True needs a finite num_epochs (it pads the end of the data).")
+    first_record = _records(source, seed=seed, shuffle=False, num_epochs=1, process_index=0, process_count=1,
+                            name="source")[0:1]
+    records = _padded_to_full_batches(records, first_record, num_records=len(source) * num_epochs,
+                                      process_count=process_count, batch_size=batch_size)
   examples = _transformed(records, resolution=resolution, max_text_len=max_text_len, prompt_types=prompt_types,
                           regenerate_prompts=regenerate_prompts, vocab_path=vocab_path)
   return _batched_iterable(examples, batch_size=batch_size, drop_remainder=drop_remainder,

@@ -41,6 +41,7 @@ SPATIAL_PROMPT_TYPES = ("mask", "box", "scribble")
 MODALITY_TEXT, MODALITY_VISUAL, MODALITY_OMNI = 0, 1, 2
 
 INDEX_KEY = "_source_index"  # Added by `AttachIndex`; the source record's index.
+PADDING_KEY = "_padding"  # Added by `MarkPadding`; the row only fills a batch and must not be scored.
 
 _TARGET_MASK_FIELDS = ("mask", "text_mask", "visual_mask")
 _REF_PROMPT_FIELDS = {"mask": "ref_mask", "box": "ref_box", "scribble": "ref_scribble"}
@@ -149,6 +150,13 @@ class AttachIndex(grain.transforms.MapWithIndex):
       raise BadExampleError(f"record {index}: a data source must yield dicts of features; got "
                             f"{type(element).__name__}.")
     return {**element, INDEX_KEY: index}
+
+
+class MarkPadding(grain.transforms.Map):
+  """Marks a copied record as padding; `AssembleContract` then gives it `index = -1`."""
+
+  def map(self, element: Example) -> Example:
+    return {**element, PADDING_KEY: True}
 
 
 class DecodeAndValidate(grain.transforms.Map):
@@ -352,5 +360,5 @@ class AssembleContract(grain.transforms.Map):
         "modality": np.int32(element["modality"]),
         "setting": np.int32(element["setting"]),
         "prompt_type": np.int32(element["prompt_type"]),
-        "index": np.int64(element[INDEX_KEY]),
+        "index": np.int64(-1 if element.get(PADDING_KEY, False) else element[INDEX_KEY]),
     }

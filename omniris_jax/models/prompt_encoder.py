@@ -135,8 +135,8 @@ class PromptEncoderConfig:
 
   @classmethod
   def tiny_test(cls) -> PromptEncoderConfig:
-    """For tests: 6 queries, 2 layers, width 32."""
-    return cls(hidden_dim=32, prompt_dim=24, num_queries=6, num_layers=2, num_heads=4, num_points=2,
+    """For tests: 6 queries, 1 layer, width 32."""
+    return cls(hidden_dim=32, prompt_dim=24, num_queries=6, num_layers=1, num_heads=4, num_points=2,
                ffn_dim=64, mask_in_chans=8, group_norm_groups=8)
 
 

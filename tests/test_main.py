@@ -33,7 +33,7 @@ def test_main_job_prepares_the_synthetic_data(tmp_path, capsys):
 def test_real_dataset_that_is_not_built_fails_with_how_to_build_it(tmp_path, monkeypatch):
   # Pretend 'shapes_tiny' were a real (downloaded) dataset: it must not be built implicitly.
   monkeypatch.setattr(prepare, "SYNTHETIC_CONFIGS", ())
-  with pytest.raises(FileNotFoundError, match=r"'omniref/shapes_tiny' is not built in .*tfds build"):
+  with pytest.raises(FileNotFoundError, match=r"'omniref/shapes_tiny' is not built in .*python -m tfds_omniref.build"):
     prepare.ensure_built("omniref/shapes_tiny", str(tmp_path))
   assert not any(tmp_path.iterdir())  # nothing written
 

@@ -475,7 +475,7 @@ def test_shapes_tiny_from_tfds_follows_the_contract(shapes_tiny_dir, split):
 
 def test_missing_tfds_dataset_names_it_and_how_to_build(tmp_path):
   _require_omniref_builder()
-  with pytest.raises(FileNotFoundError, match=r"'omniref/shapes_tiny'.*not built.*tfds build.*array_record"):
+  with pytest.raises(FileNotFoundError, match=r"'omniref/shapes_tiny'.*not built.*python -m tfds_omniref.build"):
     pipeline.from_tfds("omniref/shapes_tiny", "train", data_dir=str(tmp_path))
 
 

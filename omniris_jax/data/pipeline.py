@@ -267,7 +267,7 @@ def from_tfds(name: str, split: str, data_dir: str | None = None) -> Any:
   """Opens a built TFDS dataset split as a random-access source, with a clear error when it is not built yet.
 
   Never downloads or builds (that would be a long, silent side effect of reading); build first with
-  `tfds build tfds_omniref/omniref --config=shapes --data_dir=...` or the dataset's own build script.
+  `python -m tfds_omniref.build --config=shapes --data_dir=...` (TFDS's own `tfds build` needs TensorFlow).
 
   Args:
     name: 'builder/config', e.g. 'omniref/shapes'.
@@ -285,9 +285,8 @@ def from_tfds(name: str, split: str, data_dir: str | None = None) -> Any:
   except ImportError:
     pass  # Not one of ours (or not installed): TFDS may still know it.
   config_name = name.split("/")[1] if "/" in name else "<config>"
-  how_to_build = (f"build it first (array_record, which random access needs), e.g. `tfds build "
-                  f"tfds_omniref/{builder_name} --config={config_name} --file_format=array_record "
-                  f"--data_dir={data_dir or '~/tensorflow_datasets'}`")
+  how_to_build = (f"build it first (array_record, which random access needs), e.g. `python -m "
+                  f"tfds_omniref.build --config={config_name} --data_dir={data_dir or '~/tensorflow_datasets'}`")
   if builder_name == "omniref":
     how_to_build += (f", or in Python `tfds_omniref.omniref.data_source({config_name!r}, {split!r}, "
                      f"data_dir=...)`, which builds on first use")

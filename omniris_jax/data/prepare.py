@@ -42,12 +42,14 @@ def ensure_built(name: str, data_dir: str | None = None) -> Any:
   if name not in SYNTHETIC_CONFIGS:
     raise FileNotFoundError(
         f"Dataset {name!r} is not built in {builder.data_dir_root!s}. Real datasets are built once, from the "
-        f"files you download, with `tfds build tfds_omniref/omniref --config={name.split('/')[-1]} "
-        f"--file_format=array_record --manual_dir=DIR --data_dir={builder.data_dir_root!s}` (see README, "
+        f"files you download, with `python -m tfds_omniref.build --config={name.split('/')[-1]} "
+        f"--data_dir={builder.data_dir_root!s}` (see README, "
         "'Real datasets'), or train on the embedded synthetic data with --config=configs/joint.py:demo.")
   print(f"Building {name} into {builder.data_dir_root} (synthetic, no download) ...", flush=True)
   start = time.perf_counter()
-  builder.download_and_prepare()  # TFDS writes into a temporary folder and renames it only when complete.
+  # TFDS writes into a temporary folder and renames it only when complete; never look for a prebuilt copy online.
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(try_download_gcs=False))
   print(f"Built {name} in {time.perf_counter() - start:.0f} s.", flush=True)
   return builder
 

@@ -109,8 +109,8 @@ class MaskDecoderConfig:
 
   @classmethod
   def demo(cls) -> MaskDecoderConfig:
-    """A narrow decoder for the CPU demo (same structure as the paper's)."""
-    return cls(hidden_dim=128, num_heads=4, ffn_dim=512, mask_dim=128)
+    """A narrow decoder for the CPU demo (same structure as the paper's; widths of `PixelEncoderConfig.demo`)."""
+    return cls(hidden_dim=64, num_heads=4, ffn_dim=256, mask_dim=64)
 
   @classmethod
   def tiny_test(cls) -> MaskDecoderConfig:

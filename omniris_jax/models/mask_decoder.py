@@ -242,6 +242,25 @@ class MaskDecoderBlock(nn.Module):
     return layers.constrain(queries, ("batch", "length", "embed"))
 
 
+class _PredictionHeads(nn.Module):
+  """Shared heads applied after every block (for the attention masks) and at the end.
+
+  Returns (region_features (B,Q,C), per-query mask logits (B,Q,H/4,W/4), region logits (B,Q,2),
+  mask embeddings (B,Q,M)).
+  """
+
+  config: MaskDecoderConfig
+
+  @nn.compact
+  def __call__(self, queries: Array, mask_features: Array):
+    cfg = self.config
+    region_features = layers.LayerNorm(cfg.layer_norm_eps, name="decoder_norm")(queries)
+    region_logits = layers.Dense(2, ("embed", None), name="region_head")(region_features)
+    mask_embed = _MlpHead(cfg.hidden_dim, cfg.mask_dim, 3, name="mask_embed")(region_features)
+    query_masks = jnp.einsum("bqc,bhwc->bqhw", mask_embed, mask_features)
+    return region_features, query_masks, region_logits, mask_embed
+
+
 class MaskDecoder(nn.Module):
   """Region-query mask decoder (see the module docstring for the architecture and output conventions)."""
 
@@ -330,25 +349,6 @@ class MaskDecoder(nn.Module):
         "region_logits": region_logits.reshape(batch, cfg.query_grid, cfg.query_grid, 2),
         "nt_logits": nt_logits,
     }
-
-
-class _PredictionHeads(nn.Module):
-  """Shared heads applied after every block (for the attention masks) and at the end.
-
-  Returns (region_features (B,Q,C), per-query mask logits (B,Q,H/4,W/4), region logits (B,Q,2),
-  mask embeddings (B,Q,M)).
-  """
-
-  config: MaskDecoderConfig
-
-  @nn.compact
-  def __call__(self, queries: Array, mask_features: Array):
-    cfg = self.config
-    region_features = layers.LayerNorm(cfg.layer_norm_eps, name="decoder_norm")(queries)
-    region_logits = layers.Dense(2, ("embed", None), name="region_head")(region_features)
-    mask_embed = _MlpHead(cfg.hidden_dim, cfg.mask_dim, 3, name="mask_embed")(region_features)
-    query_masks = jnp.einsum("bqc,bhwc->bqhw", mask_embed, mask_features)
-    return region_features, query_masks, region_logits, mask_embed
 
 
 def _attention_bias(query_masks: Array, size: tuple[int, int]) -> Array:

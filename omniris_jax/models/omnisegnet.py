@@ -14,7 +14,8 @@ Composition (paper Sec. 5 and Fig. 8; parameter path prefixes are stable, the tr
 
 Late fusion (the paper's figures, the default): the prompt meets the image only in the mask decoder, so the
 target image is encoded once (`encode_image`) and any number of prompts are decoded against it (`decode`); the
-full forward `__call__` is exactly encode_image + encode_text + encode_visual + decode. (ReLA and the release
+full forward `__call__` is encode_image + encode_text + encode_visual + decode (equal up to float rounding: when
+target and reference have one shape, `__call__` runs them through the image encoder as one batch). (ReLA and the release
 also fuse the text into the Swin stages with LAVT's PWAM; `early_fusion=True` is reserved for that and raises
 NotImplementedError for now.)
 
@@ -252,7 +253,8 @@ class OmniSegNet(nn.Module):
       image_features: from `encode_image`; batch B, or 1 to share one image among all prompts.
       text_tokens, text_mask: from `encode_text`, or None when the batch carries no text.
       visual_tokens, visual_mask: from `encode_visual`, or None when the batch carries no visual prompt.
-      has_text, has_visual: (B,) bool, which examples have that prompt (all True when None).
+      has_text, has_visual: (B,) bool, which examples have that prompt (all True when None); ignored for a
+        modality whose tokens are None.
 
     Returns:
       the output dict described in the module docstring.

@@ -15,7 +15,7 @@ import pytest
 from flax import linen as nn
 from flax import traverse_util
 
-from omniris_jax.models import bert, omnisegnet
+from omniris_jax.models import bert, omnisegnet, swin
 from omniris_jax.models.omnisegnet import OmniSegNet, OmniSegNetConfig
 
 SIZE = 64  # target and reference images are SIZE x SIZE
@@ -256,6 +256,81 @@ def test_config_checks_and_presets():
     OmniSegNetConfig.tiny_test(mask_decoder=dataclasses.replace(demo.mask_decoder, mask_dim=7))
   with pytest.raises(ValueError, match="omni_fusion"):
     OmniSegNetConfig.tiny_test(omni_fusion="intersection")
-  early = OmniSegNet(OmniSegNetConfig.tiny_test(early_fusion=True))
-  with pytest.raises(NotImplementedError, match="early_fusion"):
-    jax.eval_shape(early.init, jax.random.key(0), **_batch())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Early fusion (PWAM in the Swin stages)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def early_model():
+  return OmniSegNet(OmniSegNetConfig.tiny_test(early_fusion=True))
+
+
+@pytest.fixture(scope="module")
+def early_variables(early_model):
+  return jax.jit(early_model.init)(jax.random.key(1), **_batch())
+
+
+def _without_pwam(params):
+  flat = traverse_util.flatten_dict(params)
+  return traverse_util.unflatten_dict({k: v for k, v in flat.items() if "pwam" not in k})
+
+
+def _set_gates(params, seed: int):
+  """Opens every PWAM gate (random gate_out kernels instead of the closed zero init)."""
+  flat = traverse_util.flatten_dict(params)
+  keys = jax.random.split(jax.random.key(seed), len(flat))
+  for key, name in zip(keys, sorted(flat)):
+    if "gate_out" in name:
+      flat[name] = flat[name].replace_boxed(jax.random.normal(key, flat[name].value.shape))
+  return traverse_util.unflatten_dict(flat)
+
+
+def test_early_fusion_adds_pwam_per_stage_with_logical_names(early_variables):
+  image_encoder = early_variables["params"]["image_encoder"]
+  for stage in range(4):
+    pwam = image_encoder[f"stage{stage}"]["pwam"]
+    assert {"query", "key", "value", "output", "gate_in", "gate_out"} <= set(pwam)
+    for leaf in jax.tree.leaves(pwam, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned)):
+      assert isinstance(leaf, nn.LogicallyPartitioned) and len(leaf.names) == leaf.value.ndim
+
+
+def test_early_fusion_with_closed_gates_equals_late_fusion(early_model, early_variables, forward_and_grad):
+  """Fresh PWAM gates are closed: the early-fusion model starts as the late-fusion one (same weights)."""
+  early_forward = jax.jit(early_model.apply)
+  closed = early_forward(early_variables, **_batch())
+  (_, late), _ = forward_and_grad(_without_pwam(early_variables["params"]), _batch())
+  assert set(closed) == set(late)
+  for name in late:
+    np.testing.assert_allclose(closed[name], late[name], rtol=1e-4, atol=1e-4, err_msg=name)
+  opened = early_forward({"params": _set_gates(early_variables["params"], 0)}, **_batch())
+  for name in ("text_mask_logits", "visual_mask_logits"):
+    assert np.isfinite(np.asarray(opened[name])).all()
+    assert np.abs(np.asarray(opened[name] - closed[name])).max() > 1e-4, name
+
+
+def test_early_fusion_swin_matches_swin_with_shifted_blocks():
+  """The fused Swin re-runs Swin's stage loop; with no prompt or closed gates it must equal `swin.Swin`."""
+  config = swin.SwinConfig.tiny_test()  # two blocks per stage: regular and shifted windows
+  images = jax.random.normal(jax.random.key(0), (2, SIZE, SIZE, 3))
+  tokens = jax.random.normal(jax.random.key(1), (2, 5, 12))
+  mask = jnp.array([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], bool)
+  fused = omnisegnet.EarlyFusionSwin(config)
+  variables = fused.init(jax.random.key(2), images, tokens, mask)
+
+  @jax.jit
+  def run(variables, images, tokens, mask):
+    plain = swin.Swin(config).apply({"params": _without_pwam(variables["params"])}, images)
+    return plain, fused.apply(variables, images), fused.apply(variables, images, tokens, mask)
+
+  plain, no_prompt, closed = run(variables, images, tokens, mask)
+  for name in plain:
+    np.testing.assert_allclose(no_prompt[name], plain[name], rtol=1e-5, atol=1e-5, err_msg=name)
+    np.testing.assert_allclose(closed[name], plain[name], rtol=1e-5, atol=1e-5, err_msg=name)
+
+
+def test_early_fusion_refuses_to_encode_the_image_alone(early_model, early_variables):
+  with pytest.raises(ValueError, match="early_fusion"):
+    early_model.apply(early_variables, _batch()["image"], method=OmniSegNet.encode_image)

@@ -15,9 +15,12 @@ Composition (paper Sec. 5 and Fig. 8; parameter path prefixes are stable, the tr
 Late fusion (the paper's figures, the default): the prompt meets the image only in the mask decoder, so the
 target image is encoded once (`encode_image`) and any number of prompts are decoded against it (`decode`); the
 full forward `__call__` is encode_image + encode_text + encode_visual + decode (equal up to float rounding: when
-target and reference have one shape, `__call__` runs them through the image encoder as one batch). (ReLA and the release
-also fuse the text into the Swin stages with LAVT's PWAM; `early_fusion=True` is reserved for that and raises
-NotImplementedError for now.)
+target and reference have one shape, `__call__` runs them through the image encoder as one batch). 
+
+Early fusion (`early_fusion=True`, ReLA/the release): the prompt tokens are also fused into every Swin stage by
+LAVT's pixel-word attention module (PWAM, `stage{s}/pwam/` under image_encoder/) behind a tanh gate that starts
+closed. The target's features then depend on the prompt: `__call__` encodes the target once per prompt set
+(text, visual, joint) and `encode_image` / `decode` refuse. The reference image is encoded without fusion.
 
 Omni fusion (`omni_fusion`), when an example has both a text and a visual prompt:
   'union' (the release): each prompt is decoded on its own (the prompt sets are stacked along the batch into one
@@ -55,7 +58,7 @@ import numpy as np
 from flax import linen as nn
 from flax import traverse_util
 
-from omniris_jax.models import layers
+from omniris_jax.models import layers, swin
 from omniris_jax.models.bert import BertConfig, BertEncoder, load_hf_bert
 from omniris_jax.models.mask_decoder import MaskDecoder, MaskDecoderConfig
 from omniris_jax.models.pixel_encoder import PixelEncoder, PixelEncoderConfig
@@ -92,7 +95,8 @@ class OmniSegNetConfig:
     mask_decoder: the mask decoder.
     omni_fusion: 'union' (decode each prompt, OR the masks; the release) or 'joint' (one decode over the
       concatenated prompt tokens; the paper).
-    early_fusion: fuse the text into the Swin stages (PWAM, ReLA/release). Not implemented yet: True raises.
+    early_fusion: also fuse the prompt into the Swin stages (PWAM, ReLA/release); costs one target encoding per
+      prompt set instead of one per image.
     max_text_len: the longest token sequence accepted (20 in the paper).
   """
 
@@ -168,6 +172,100 @@ class TextProjection(nn.Module):
     return layers.constrain(hidden, ("batch", "length", "embed"))
 
 
+class PixelWordAttention(nn.Module):
+  """LAVT's pixel-word attention module (PWAM) with a tanh gate that starts closed.
+
+  Every pixel of a Swin stage attends to the prompt tokens (one head; queries and outputs instance-normalised
+  over the pixels, as in LAVT), the result is multiplied elementwise with a projection of the pixel itself and
+  projected again; a gate tanh(W2 relu(W1 m)) scales the update added to the stage's features. W2 starts at
+  zero, so a freshly initialised fused Swin equals the plain Swin (pretrained weights keep their meaning).
+  """
+
+  dropout_rate: float = 0.0
+
+  @nn.compact
+  def __call__(self, x: Array, prompt_tokens: Array, prompt_mask: Array, *, deterministic: bool = True) -> Array:
+    """x (B, H, W, C), prompt_tokens (B, L, D), prompt_mask (B, L) -> (B, H, W, C)."""
+    channels = x.shape[-1]
+
+    def dense(features, name, axes=("embed", "mlp"), **kwargs):
+      return layers.Dense(features, axes, name=name, **kwargs)
+
+    def instance_norm(y):  # over the pixels, per channel, no affine (torch InstanceNorm1d defaults)
+      mean = y.mean(axis=(1, 2), keepdims=True)
+      return (y - mean) * jax.lax.rsqrt(y.var(axis=(1, 2), keepdims=True) + 1e-5)
+
+    dropout = nn.Dropout(self.dropout_rate)
+    pixels = dropout(layers.gelu(dense(channels, "pixel_projection")(x)), deterministic=deterministic)
+    valid = prompt_mask.astype(bool)
+    query = instance_norm(dense(channels, "query")(x))
+    key = dense(channels, "key")(prompt_tokens) * valid[..., None]
+    value = dense(channels, "value")(prompt_tokens) * valid[..., None]
+    logits = jnp.einsum("bhwc,blc->bhwl", query, key).astype(jnp.float32) / np.sqrt(channels)
+    logits = jnp.where(valid[:, None, None, :], logits, -1e4)  # LAVT's additive -10^4 on padded words
+    attended = jnp.einsum("bhwl,blc->bhwc", jax.nn.softmax(logits, axis=-1).astype(value.dtype), value)
+    attended = instance_norm(dense(channels, "output")(attended))
+    fused = pixels * attended
+    fused = dropout(layers.gelu(dense(channels, "fused_projection")(fused)), deterministic=deterministic)
+    gate = nn.relu(dense(channels, "gate_in", use_bias=False)(fused))
+    gate = jnp.tanh(dense(channels, "gate_out", ("mlp", "embed"), use_bias=False,
+                          kernel_init=nn.initializers.zeros_init())(gate))
+    return layers.constrain(x + gate * fused, ("batch", "height", "width", "embed"))
+
+
+class _FusedSwinStage(nn.Module):
+  """`swin.SwinStage` with a PWAM between the blocks and the patch merging (same parameter names + `pwam/`)."""
+
+  config: SwinConfig
+  stage: int
+  drop_path_rates: tuple[float, ...]
+  downsample: bool
+
+  @nn.compact
+  def __call__(self, x: Array, prompt_tokens: Array | None, prompt_mask: Array | None,
+               deterministic: bool = True) -> tuple[Array, Array | None]:
+    config = self.config
+    dtype = jnp.dtype(config.dtype)
+    block_cls = nn.remat(swin.SwinBlock, static_argnums=(2,)) if config.remat else swin.SwinBlock
+    for block in range(config.depths[self.stage]):
+      x = block_cls(num_heads=config.num_heads[self.stage], window_size=config.window_size,
+                    shift_size=0 if block % 2 == 0 else config.window_size // 2, mlp_ratio=config.mlp_ratio,
+                    drop_path_rate=self.drop_path_rates[block], layer_norm_eps=config.layer_norm_eps, dtype=dtype,
+                    name=f"block{block}")(x, deterministic)
+    if prompt_tokens is not None:
+      x = PixelWordAttention(name="pwam")(x, prompt_tokens, prompt_mask, deterministic=deterministic)
+    merged = swin.PatchMerging(dtype=dtype, name="patch_merging")(x) if self.downsample else None
+    return x, merged
+
+
+class EarlyFusionSwin(nn.Module):
+  """Swin with the prompt fused into every stage by PWAM (LAVT/ReLA/the release's early fusion).
+
+  Same parameter tree as `swin.Swin` plus `stage{s}/pwam/`, so Swin checkpoints load into it; with no prompt
+  (the reference image) it is exactly `swin.Swin`.
+  """
+
+  config: SwinConfig
+
+  @nn.compact
+  def __call__(self, images: Array, prompt_tokens: Array | None = None, prompt_mask: Array | None = None, *,
+               deterministic: bool = True) -> dict[str, Array]:
+    config = self.config
+    dtype = jnp.dtype(config.dtype)
+    x = swin.PatchEmbedding(config.embed_dim, config.patch_size, dtype=dtype, name="patch_embed")(images)
+    total_blocks = sum(config.depths)
+    rates = [config.drop_path_rate * i / max(total_blocks - 1, 1) for i in range(total_blocks)]
+    outputs = {}
+    for stage, name in enumerate(config.output_names):
+      first = sum(config.depths[:stage])
+      stage_out, x = _FusedSwinStage(config, stage, tuple(rates[first:first + config.depths[stage]]),
+                                     downsample=stage < config.num_stages - 1, name=f"stage{stage}")(
+                                         x, prompt_tokens, prompt_mask, deterministic)
+      out = layers.LayerNorm(1e-5, dtype=dtype, name=f"norm_{name}")(stage_out)
+      outputs[name] = layers.constrain(out, ("batch", "height", "width", "embed"))
+    return outputs
+
+
 class OmniSegNet(nn.Module):
   """The OmniSegNet model (see the module docstring). Methods work with `model.apply(..., method=...)`."""
 
@@ -175,12 +273,7 @@ class OmniSegNet(nn.Module):
 
   def setup(self):
     cfg = self.config
-    if cfg.early_fusion:
-      raise NotImplementedError(
-          "OmniSegNetConfig.early_fusion=True (PWAM text fusion inside the Swin stages, as in ReLA/the release) "
-          "is not implemented yet; use early_fusion=False (the paper's late fusion, which encodes the target "
-          "image once for any number of prompts).")
-    self.image_encoder = Swin(cfg.swin)
+    self.image_encoder = EarlyFusionSwin(cfg.swin) if cfg.early_fusion else Swin(cfg.swin)
     self.text_encoder = BertEncoder(cfg.bert)
     self.text_projection = TextProjection(cfg.prompt_dim)
     self.pixel_encoder = PixelEncoder(cfg.pixel_encoder)
@@ -191,21 +284,31 @@ class OmniSegNet(nn.Module):
   # Encoders
   # ---------------------------------------------------------------------------------------------------------
 
-  def _backbone(self, image: Array, name: str, deterministic: bool) -> dict[str, Array]:
-    """ImageNet-normalises a uint8 / 0..255 float NHWC image and runs Swin."""
+  def _backbone(self, image: Array, name: str, deterministic: bool, prompt_tokens: Array | None = None,
+                prompt_mask: Array | None = None) -> dict[str, Array]:
+    """ImageNet-normalises a uint8 / 0..255 float NHWC image and runs Swin (fusing the prompt if given)."""
     if image.ndim != 4 or image.shape[-1] != 3:
       raise ValueError(f"OmniSegNet: {name}.shape={image.shape} must be (B, H, W, 3) NHWC, values 0..255")
     image = image.astype(jnp.float32)
     image = (image - jnp.asarray(IMAGENET_MEAN)) / jnp.asarray(IMAGENET_STD)
+    if self.config.early_fusion:
+      return self.image_encoder(image, prompt_tokens, prompt_mask, deterministic=deterministic)
     return self.image_encoder(image, deterministic=deterministic)
+
+  def _check_late_fusion(self, method: str) -> None:
+    if self.config.early_fusion:
+      raise ValueError(f"OmniSegNet.{method}: with early_fusion=True the target image's features depend on the "
+                       "prompt, so the image cannot be encoded once and decoded later; call the model itself "
+                       "(__call__), or use early_fusion=False")
 
   def encode_image(self, image: Array, *, deterministic: bool = True) -> ImageFeatures:
     """Target image (B, H, W, 3), uint8 or float 0..255 -> the features every prompt is decoded against.
 
-    Returns:
+    Late fusion only. Returns:
       {"mask_features": (B, H/4, W/4, mask_dim), "multi_scale_features": [(B, H/32, W/32, D),
       (B, H/16, W/16, D), (B, H/8, W/8, D)]}.
     """
+    self._check_late_fusion("encode_image")
     return self._pixel_features(self._backbone(image, "image", deterministic), deterministic)
 
   def _pixel_features(self, backbone_features: dict[str, Array], deterministic: bool) -> ImageFeatures:
@@ -224,7 +327,8 @@ class OmniSegNet(nn.Module):
   def encode_visual(self, ref_image: Array, ref_prompt: Array, *,
                     deterministic: bool = True) -> tuple[Array, Array]:
     """Reference image (B, Hr, Wr, 3) 0..255 and its binary prompt (B, Hr, Wr) -> (tokens (B, n, prompt_dim),
-    mask (B, n) bool). The reference goes through the same image encoder (weights) as the target."""
+    mask (B, n) bool). The reference goes through the same image encoder (weights) as the target (with early
+    fusion: without any prompt fused in, as in the release)."""
     ref_features = self._backbone(ref_image, "ref_image", deterministic)
     return self.prompt_encoder(ref_features, ref_prompt, deterministic=deterministic)
 
@@ -249,6 +353,8 @@ class OmniSegNet(nn.Module):
              *, deterministic: bool = True) -> dict[str, Array]:
     """Decodes the text and/or visual prompts of each example and fuses them (see the module docstring).
 
+    Late fusion only.
+
     Args:
       image_features: from `encode_image`; batch B, or 1 to share one image among all prompts.
       text_tokens, text_mask: from `encode_text`, or None when the batch carries no text.
@@ -259,58 +365,15 @@ class OmniSegNet(nn.Module):
     Returns:
       the output dict described in the module docstring.
     """
-    prompts = {}
-    for name, tokens, mask, available in (("text", text_tokens, text_mask, has_text),
-                                          ("visual", visual_tokens, visual_mask, has_visual)):
-      if tokens is None:
-        continue
-      if mask is None or tokens.ndim != 3 or mask.shape != tokens.shape[:2]:
-        raise ValueError(f"OmniSegNet.decode: {name}_tokens (B, L, D) needs a {name}_mask (B, L); got "
-                         f"{getattr(tokens, 'shape', None)} and {getattr(mask, 'shape', None)}")
-      batch = tokens.shape[0]
-      available = jnp.ones((batch,), bool) if available is None else jnp.asarray(available).astype(bool)
-      if available.shape != (batch,):
-        raise ValueError(f"OmniSegNet.decode: has_{name}.shape={available.shape} must be ({batch},)")
-      # An absent prompt contributes nothing: zero tokens, attended by no one.
-      tokens = tokens * available[:, None, None].astype(tokens.dtype)
-      mask = mask.astype(bool) & available[:, None]
-      prompts[name] = (tokens, mask, available)
-    if not prompts:
-      raise ValueError("OmniSegNet.decode: give text_tokens or visual_tokens (or both)")
-    batches = {name: p[0].shape[0] for name, p in prompts.items()}
-    if len(set(batches.values())) != 1:
-      raise ValueError(f"OmniSegNet.decode: the prompts' batch sizes differ: {batches}")
-
-    prompt_sets = [(name, tokens, mask) for name, (tokens, mask, _) in prompts.items()]
-    joint = self.config.omni_fusion == "joint" and len(prompts) == 2
-    if joint:
-      (_, text_t, text_m), (_, visual_t, visual_m) = prompt_sets
-      prompt_sets.append(("joint", jnp.concatenate([text_t, visual_t], 1), jnp.concatenate([text_m, visual_m], 1)))
-
-    # Stack every prompt set along the batch (padded to one length with masked zeros) for one decoder call.
-    length = max(tokens.shape[1] for _, tokens, _ in prompt_sets)
-    stacked_tokens = jnp.concatenate(
-        [jnp.pad(tokens, ((0, 0), (0, length - tokens.shape[1]), (0, 0))) for _, tokens, _ in prompt_sets])
-    stacked_mask = jnp.concatenate(
-        [jnp.pad(mask, ((0, 0), (0, length - mask.shape[1]))) for _, _, mask in prompt_sets])
-    batch = next(iter(batches.values()))
+    self._check_late_fusion("decode")
+    prompts = _prepare_prompts(text_tokens, text_mask, visual_tokens, visual_mask, has_text, has_visual)
+    prompt_sets = _prompt_sets(prompts, self.config.omni_fusion)
+    tokens, mask = _stack_prompt_sets(prompt_sets)
+    batch = _prompt_batch(prompts)
     features = _broadcast_features(image_features, batch)
     features = jax.tree.map(lambda x: jnp.concatenate([x] * len(prompt_sets)), features)
-    decoded = self.decode_prompts(features, stacked_tokens, stacked_mask, deterministic=deterministic)
-    per_set = {name: jax.tree.map(lambda x, i=i: x[i * batch:(i + 1) * batch], decoded)
-               for i, (name, _, _) in enumerate(prompt_sets)}
-
-    outputs = {}
-    for name in prompts:
-      outputs.update({f"{name}_{key}": value for key, value in per_set[name].items()})
-    if joint:
-      combined = per_set["joint"]
-    elif len(prompts) == 2:
-      combined = union_outputs(per_set["text"], per_set["visual"], prompts["text"][2], prompts["visual"][2])
-    else:
-      combined = per_set[next(iter(prompts))]
-    outputs.update(combined)
-    return outputs
+    decoded = self.decode_prompts(features, tokens, mask, deterministic=deterministic)
+    return _assemble_outputs(decoded, prompts, prompt_sets)
 
   def __call__(self, image: Array, text_ids: Array | None = None, text_attention_mask: Array | None = None,
                ref_image: Array | None = None, ref_prompt: Array | None = None, has_text: Array | None = None,
@@ -318,7 +381,8 @@ class OmniSegNet(nn.Module):
     """Full forward = encode_image + encode_text + encode_visual + decode.
 
     When the reference images have the target's shape, target and reference share one image-encoder call
-    (concatenated along the batch); the result equals the separate calls.
+    (concatenated along the batch); the result equals the separate calls. With early fusion the target image is
+    encoded once per prompt set, with that set's tokens fused into the Swin stages.
 
     Args:
       image: target images (B, H, W, 3), uint8 or float 0..255.
@@ -335,6 +399,20 @@ class OmniSegNet(nn.Module):
       text_tokens, text_mask = self.encode_text(text_ids, text_attention_mask, deterministic=deterministic)
     if ref_image is not None and ref_prompt is None:
       raise ValueError("OmniSegNet: ref_image needs ref_prompt (B, Hr, Wr) binary")
+    if ref_image is None and text_ids is None:
+      raise ValueError("OmniSegNet: give a text prompt (text_ids) or a visual prompt (ref_image, ref_prompt)")
+
+    if self.config.early_fusion:
+      if ref_image is not None:
+        visual_tokens, visual_mask = self.encode_visual(ref_image, ref_prompt, deterministic=deterministic)
+      prompts = _prepare_prompts(text_tokens, text_mask, visual_tokens, visual_mask, has_text, has_visual)
+      prompt_sets = _prompt_sets(prompts, self.config.omni_fusion)
+      tokens, mask = _stack_prompt_sets(prompt_sets)
+      images = jnp.concatenate([image] * len(prompt_sets))
+      features = self._pixel_features(self._backbone(images, "image", deterministic, tokens, mask), deterministic)
+      decoded = self.decode_prompts(features, tokens, mask, deterministic=deterministic)
+      return _assemble_outputs(decoded, prompts, prompt_sets)
+
     if ref_image is not None and ref_image.shape == image.shape:
       # Same size: one image-encoder call on target and reference together (same weights, one bigger batch).
       batch = image.shape[0]
@@ -347,10 +425,80 @@ class OmniSegNet(nn.Module):
       image_features = self.encode_image(image, deterministic=deterministic)
       if ref_image is not None:
         visual_tokens, visual_mask = self.encode_visual(ref_image, ref_prompt, deterministic=deterministic)
-    if text_tokens is None and visual_tokens is None:
-      raise ValueError("OmniSegNet: give a text prompt (text_ids) or a visual prompt (ref_image, ref_prompt)")
     return self.decode(image_features, text_tokens, text_mask, visual_tokens, visual_mask, has_text, has_visual,
                        deterministic=deterministic)
+
+
+# A prompt of one modality for a batch: (tokens (B, L, D) zeroed where absent, mask (B, L), available (B,)).
+_Prompt = tuple[Array, Array, Array]
+
+
+def _prepare_prompts(text_tokens, text_mask, visual_tokens, visual_mask, has_text,
+                     has_visual) -> dict[str, _Prompt]:
+  """Validates the prompts and blanks the absent ones: zero tokens, attended by no one."""
+  prompts = {}
+  for name, tokens, mask, available in (("text", text_tokens, text_mask, has_text),
+                                        ("visual", visual_tokens, visual_mask, has_visual)):
+    if tokens is None:
+      continue
+    if mask is None or tokens.ndim != 3 or mask.shape != tokens.shape[:2]:
+      raise ValueError(f"OmniSegNet.decode: {name}_tokens (B, L, D) needs a {name}_mask (B, L); got "
+                       f"{getattr(tokens, 'shape', None)} and {getattr(mask, 'shape', None)}")
+    batch = tokens.shape[0]
+    available = jnp.ones((batch,), bool) if available is None else jnp.asarray(available).astype(bool)
+    if available.shape != (batch,):
+      raise ValueError(f"OmniSegNet.decode: has_{name}.shape={available.shape} must be ({batch},)")
+    tokens = tokens * available[:, None, None].astype(tokens.dtype)
+    mask = mask.astype(bool) & available[:, None]
+    prompts[name] = (tokens, mask, available)
+  if not prompts:
+    raise ValueError("OmniSegNet.decode: give text_tokens or visual_tokens (or both)")
+  batches = {name: p[0].shape[0] for name, p in prompts.items()}
+  if len(set(batches.values())) != 1:
+    raise ValueError(f"OmniSegNet.decode: the prompts' batch sizes differ: {batches}")
+  return prompts
+
+
+def _prompt_batch(prompts: dict[str, _Prompt]) -> int:
+  return next(iter(prompts.values()))[0].shape[0]
+
+
+def _prompt_sets(prompts: dict[str, _Prompt], omni_fusion: str) -> list[tuple[str, Array, Array]]:
+  """The prompt sets to decode: one per modality, plus their concatenation for 'joint' fusion of two."""
+  sets = [(name, tokens, mask) for name, (tokens, mask, _) in prompts.items()]
+  if omni_fusion == "joint" and len(prompts) == 2:
+    (_, text_tokens, text_mask), (_, visual_tokens, visual_mask) = sets
+    sets.append(("joint", jnp.concatenate([text_tokens, visual_tokens], 1),
+                 jnp.concatenate([text_mask, visual_mask], 1)))
+  return sets
+
+
+def _stack_prompt_sets(prompt_sets: list[tuple[str, Array, Array]]) -> tuple[Array, Array]:
+  """Stacks the sets along the batch (set-major), padded to one length with masked zeros: one decoder call."""
+  length = max(tokens.shape[1] for _, tokens, _ in prompt_sets)
+  tokens = jnp.concatenate(
+      [jnp.pad(tokens, ((0, 0), (0, length - tokens.shape[1]), (0, 0))) for _, tokens, _ in prompt_sets])
+  mask = jnp.concatenate([jnp.pad(mask, ((0, 0), (0, length - mask.shape[1]))) for _, _, mask in prompt_sets])
+  return tokens, mask
+
+
+def _assemble_outputs(decoded: dict[str, Array], prompts: dict[str, _Prompt],
+                      prompt_sets: list[tuple[str, Array, Array]]) -> dict[str, Array]:
+  """Splits the stacked decode per set and names the outputs; combined = joint decode, union, or the one prompt."""
+  batch = _prompt_batch(prompts)
+  per_set = {name: jax.tree.map(lambda x, i=i: x[i * batch:(i + 1) * batch], decoded)
+             for i, (name, _, _) in enumerate(prompt_sets)}
+  outputs = {}
+  for name in prompts:
+    outputs.update({f"{name}_{key}": value for key, value in per_set[name].items()})
+  if "joint" in per_set:
+    combined = per_set["joint"]
+  elif len(prompts) == 2:
+    combined = union_outputs(per_set["text"], per_set["visual"], prompts["text"][2], prompts["visual"][2])
+  else:
+    combined = per_set[next(iter(prompts))]
+  outputs.update(combined)
+  return outputs
 
 
 def _broadcast_features(image_features: ImageFeatures, batch: int) -> ImageFeatures:

@@ -3,8 +3,10 @@
 Configs (`tfds.data_source('omniref/<config>', ...)`):
   shapes        procedural scenes (no download; shapes.py), 128x128, 3000 train + 3 x 300 test examples
   shapes_tiny   the same generator at 64x64 with 18 + 3 x 9 examples, for tests
-A later issue adds `released` (the authors' OmniRef files, manual download), `rebuilt` (the paper's pipeline from
-COCO, gRefCOCO and RefCOCOg) and the RIS benchmarks; they will yield the same features (features.py).
+  released      the authors' OmniRef files + COCO train2014 images from the manual directory (released.py;
+                `MANUAL_DOWNLOAD_INSTRUCTIONS` says where each file comes from); train = visual-train
+A later issue adds `rebuilt` (the paper's pipeline from COCO, gRefCOCO and RefCOCOg) and the RIS benchmarks;
+they will yield the same features (features.py).
 
 Splits: `train` (all modalities mixed), `text_test`, `visual_test`, `omni_test` (each one third single-target,
 one third multi-target, one third no-target). Files are array_record, so reading needs no TensorFlow:
@@ -23,9 +25,10 @@ from etils import epath
 import tensorflow_datasets as tfds
 
 from tfds_omniref.omniref import features as features_lib
+from tfds_omniref.omniref import released as released_lib
 from tfds_omniref.omniref import shapes as shapes_lib
 
-_SOURCES = ("shapes",)
+_SOURCES = ("shapes", "released")
 
 
 @dataclasses.dataclass(eq=False)
@@ -39,6 +42,7 @@ class OmnirefConfig(tfds.core.BuilderConfig):
 
   source: str = "shapes"
   shapes: shapes_lib.ShapesConfig | None = None
+  released: released_lib.ReleasedConfig | None = None
 
   def __post_init__(self):
     if self.source not in _SOURCES:
@@ -46,6 +50,9 @@ class OmnirefConfig(tfds.core.BuilderConfig):
     if self.source == "shapes" and not isinstance(self.shapes, shapes_lib.ShapesConfig):
       raise ValueError(f"OmnirefConfig {self.name!r} with source 'shapes' needs shapes=ShapesConfig(...); "
                        f"got {self.shapes!r}.")
+    if self.source == "released" and not isinstance(self.released, released_lib.ReleasedConfig):
+      raise ValueError(f"OmnirefConfig {self.name!r} with source 'released' needs released=ReleasedConfig(...); "
+                       f"got {self.released!r}.")
 
 
 SHAPES = OmnirefConfig(
@@ -61,6 +68,13 @@ SHAPES_TINY = OmnirefConfig(
     shapes=shapes_lib.ShapesConfig(image_size=64, num_train=18, num_text_test=9, num_visual_test=9,
                                    num_omni_test=9, seed=1),
 )
+RELEASED = OmnirefConfig(
+    name="released",
+    description=("The authors' released OmniRef (manual download: OmniRef.json, instances.json, "
+                 "SuppImageAnns.json, COCO train2014 images); test-split references and scribbles fixed by seed."),
+    source="released",
+    released=released_lib.ReleasedConfig(),
+)
 
 
 class Builder(tfds.core.GeneratorBasedBuilder):
@@ -70,7 +84,8 @@ class Builder(tfds.core.GeneratorBasedBuilder):
   RELEASE_NOTES = {
       "1.0.0": "First release: the OmniRIS feature spec and the procedural `shapes` and `shapes_tiny` configs.",
   }
-  BUILDER_CONFIGS = [SHAPES, SHAPES_TINY]
+  BUILDER_CONFIGS = [SHAPES, SHAPES_TINY, RELEASED]
+  MANUAL_DOWNLOAD_INSTRUCTIONS = released_lib.MANUAL_DOWNLOAD_INSTRUCTIONS
   DEFAULT_CONFIG_NAME = "shapes"
   # Where TFDS finds README.md and CITATIONS.bib (the description and citation it reports) and checksums.tsv:
   # beside this file. Given from __file__ because TFDS's own inference goes through importlib.resources, which
@@ -97,8 +112,9 @@ class Builder(tfds.core.GeneratorBasedBuilder):
     )
 
   def _split_generators(self, dl_manager: tfds.download.DownloadManager):
-    del dl_manager  # shapes needs no download
     config = self.builder_config
+    if config.source == "released":
+      return self._released_split_generators(dl_manager)
     return {split: self._generate_examples(split=split) for split in config.shapes.split_sizes()}
 
   def _generate_examples(self, split: str):
@@ -107,8 +123,23 @@ class Builder(tfds.core.GeneratorBasedBuilder):
     for example in shapes_lib.generate_split(config.shapes, split, config_name=config.name):
       yield example["id"], features_lib.encode_example(example)
 
+  def _released_split_generators(self, dl_manager: tfds.download.DownloadManager):
+    """Reads and validates every record of the release before any split is written (released.py)."""
+    try:
+      manual_dir = dl_manager.manual_dir
+    except AssertionError as error:  # TFDS: the manual directory does not exist or is empty
+      raise FileNotFoundError(f"omniref/{self.builder_config.name}: {error}") from None
+    files = released_lib.load(manual_dir, self.builder_config.released)
+    plans = {split: files.plan_split(split) for split in released_lib.SPLIT_KEYS}
+    return {split: self._generate_released_examples(files, split, plans[split]) for split in plans}
 
-def data_source(config_name: str, split: str, *, data_dir: str):
+  def _generate_released_examples(self, files: released_lib.ReleasedFiles, split: str, plans):
+    """Yields (key, example) for one split of the released OmniRef; the key is the example id."""
+    for example in released_lib.generate_split(files, split, config_name=self.builder_config.name, plans=plans):
+      yield example["id"], features_lib.encode_example(example)
+
+
+def data_source(config_name: str, split: str, *, data_dir: str, manual_dir: str | None = None):
   """Random-access examples of `omniref/<config_name>` `split`, building the dataset in `data_dir` first if needed.
 
   The one call the pipeline and the main command need: it builds array_record files (no TensorFlow), never
@@ -119,10 +150,13 @@ def data_source(config_name: str, split: str, *, data_dir: str):
     config_name: a name in `Builder.BUILDER_CONFIGS` ('shapes', 'shapes_tiny').
     split: 'train', 'text_test', 'visual_test' or 'omni_test'.
     data_dir: the TFDS data directory (the dataset lands in `<data_dir>/omniref/<config_name>/<version>/`).
+    manual_dir: where the manually downloaded files are, for configs that need them ('released'); TFDS's
+      default is `<data_dir>/downloads/manual`.
   """
   builder = Builder(config=config_name, data_dir=data_dir, file_format="array_record")
   splits = list(builder.builder_config.shapes.split_sizes()) if builder.builder_config.shapes else []
   if splits and split not in splits:
     raise ValueError(f"{split=} is not a split of omniref/{config_name}; its splits are {splits}.")
-  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(try_download_gcs=False,
+                                                                           manual_dir=manual_dir))
   return builder.as_data_source(split=split)

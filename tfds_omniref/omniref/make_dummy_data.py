@@ -191,6 +191,7 @@ def make_images() -> dict[int, FixtureImage]:
   # Espresso (600x400 -> 240x160): the cup and the spoon; and a mirrored crop around the cup (300x330 -> 160x176).
   coffee = skimage.data.coffee()
   cup, spoon = _polygon_mask(_CUP, 400, 600), _polygon_mask(_SPOON, 400, 600)
+  cup &= ~spoon  # the spoon lies in front of the cup's rim: each pixel belongs to one instance, as in COCO
   add(COFFEE, _resize_image(coffee, 240, 160),
       [("cup", CUP, _resize_mask(cup, 240, 160), POLYGON), ("spoon", SPOON, _resize_mask(spoon, 240, 160), POLYGON)])
   box = (slice(0, 330), slice(150, 450))

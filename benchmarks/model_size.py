@@ -107,6 +107,11 @@ def paper_report() -> str:
       "full forward, text prompt": _gflops(pieces["forward_text"], params, x),
       "full forward, omni prompt (text + visual, union)": _gflops(pieces["forward_omni"], params, x),
   }
+  early = OmniSegNet(OmniSegNetConfig.paper(early_fusion=True))
+  early_params = nn.unbox(jax.eval_shape(early.init, jax.random.key(0), **x))
+  early_pwam = parameter_counts(early_params)["total"] - counts["total"]
+  flops["full forward, omni prompt, early_fusion=True (PWAM; target encoded per prompt)"] = _gflops(
+      _pieces(early)["forward_omni"], early_params, x)
   lines = [f"### Paper model: Swin-B + BERT-base, {size}x{size}, {config.max_text_len} text tokens, "
            f"{config.mask_decoder.num_queries} queries, omni_fusion={config.omni_fusion!r}",
            "", "| module (parameter path prefix) | parameters | share |", "|---|---:|---:|"]
@@ -114,6 +119,8 @@ def paper_report() -> str:
     if name != "total":
       lines.append(f"| {name}/ | {count:,} ({count / 1e6:.2f} M) | {100 * count / counts['total']:.1f}% |")
   lines.append(f"| **total** | **{counts['total']:,} ({counts['total'] / 1e6:.2f} M)** | 100% |")
+  lines.append(f"| (early_fusion=True adds PWAM: image_encoder/stage*/pwam/) | +{early_pwam:,} "
+               f"({early_pwam / 1e6:.2f} M) | |")
   lines += ["", "| forward piece (batch 1) | GFLOPs (XLA estimate) | GMACs |", "|---|---:|---:|"]
   for name, value in flops.items():
     lines.append(f"| {name} | {value:.1f} | {value / 2:.1f} |")

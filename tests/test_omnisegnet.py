@@ -219,6 +219,8 @@ def test_every_parameter_has_logical_axis_names(variables):
   assert not unnamed, f"{len(unnamed)} parameters without logical axis names"
   for leaf in leaves:
     assert len(leaf.names) == leaf.value.ndim
+    named = [name for name in leaf.names if name is not None]
+    assert len(set(named)) == len(named), f"{leaf.names} repeats an axis: no mesh rule could shard it"
   specs = nn.get_partition_spec(params)
   assert len(jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))) == len(leaves)
 

@@ -9,6 +9,9 @@ over a learnable set of q x q "region" queries (ReLA's 10 x 10 minimap). The rel
 which attends to the prompt only in block 0, through a zero-initialised projection behind a sigmoid gate;
 `MaskDecoderConfig.prompt_cross_attention` selects between the two ('all' = paper, 'first' = release).
 
+Padded prompt tokens (`prompt_mask` False) are never attended, in both variants (ReLA's language attention
+attends to padding too; we do not, so an absent prompt can be blanked out exactly).
+
 Masked attention (Mask2Former/ReLA): block i's pixel cross-attention only sees the pixels that the previous
 prediction's per-query masks call foreground; a query whose mask is empty falls back to full attention.
 

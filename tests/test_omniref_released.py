@@ -379,3 +379,26 @@ def test_segmentation_that_does_not_decode_names_the_annotation(tmp_path, segmen
                      match=rf"instances\.json: annotation id={spoon}: field 'segmentation' {problem}"):
     _build(data_dir, manual_dir)
   _assert_nothing_left(data_dir)
+
+
+def test_a_renamed_split_key_is_named_and_can_be_configured(tmp_path):
+  manual_dir = _copy_fixture(tmp_path)
+  _edit_json(manual_dir, "OmniRef.json", lambda refs: refs.update({"text-val": refs.pop("text-test")}))
+  with pytest.raises(released.MalformedRecordError,
+                     match=r"OmniRef\.json: top level: field 'text-test' must be the list of text_test refs; the "
+                           r"file has keys \['omni-test', 'text-val', 'visual-test', 'visual-train'\]"):
+    released.load(manual_dir)
+  keys = dict(released.SPLIT_KEYS, text_test="text-val")
+  files = released.load(manual_dir, released.ReleasedConfig(split_keys=tuple(keys.items())))
+  assert len(list(released.generate_split(files, "text_test"))) == SPLITS["text_test"]
+  with pytest.raises(ValueError, match="split_keys"):
+    released.ReleasedConfig(split_keys=(("train", "visual-train"),))
+
+
+def test_registered_with_tfds_and_built_by_data_source(built, tmp_path):
+  data_dir, _, _ = built
+  builder = tfds.builder("omniref/released", data_dir=os.fspath(data_dir), file_format="array_record")
+  assert builder.info.splits["omni_test"].num_examples == SPLITS["omni_test"]
+  assert "TUZKI/OmniRef" in builder_lib.Builder.MANUAL_DOWNLOAD_INSTRUCTIONS
+  source = builder_lib.data_source("released", "visual_test", data_dir=os.fspath(tmp_path), manual_dir=DUMMY_DATA)
+  assert len(source) == SPLITS["visual_test"]

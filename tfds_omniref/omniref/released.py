@@ -91,11 +91,15 @@ class ReleasedConfig:
       SuppImageAnns.json.
     image_subdir: folder (relative to the manual directory) holding the COCO train2014 images.
     seed: seeds the reference image, default prompt type and scribble of every example (test splits keep them).
+    split_keys: (TFDS split, key in OmniRef.json / instances.json) pairs. The defaults are the names the released
+      loaders use ('text-test' by analogy with 'visual-test' and 'omni-test': the text loader takes the name as
+      an argument); change them here if a release spells them differently.
   """
 
   omniref_subdir: str = "omniref"
   image_subdir: str = "train2014"
   seed: int = 0
+  split_keys: tuple[tuple[str, str], ...] = tuple(SPLIT_KEYS.items())
 
   def __post_init__(self):
     for name in ("omniref_subdir", "image_subdir"):
@@ -104,6 +108,8 @@ class ReleasedConfig:
         raise ValueError(f"ReleasedConfig.{name}={value!r} must be a path relative to the manual directory.")
     if not isinstance(self.seed, int) or self.seed < 0:
       raise ValueError(f"ReleasedConfig.seed={self.seed!r} must be a non-negative int.")
+    if sorted(split for split, _ in self.split_keys) != sorted(SPLIT_KEYS):
+      raise ValueError(f"ReleasedConfig.split_keys={self.split_keys!r} must map each of {list(SPLIT_KEYS)} to a key.")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -239,7 +245,8 @@ class ReleasedFiles:
     self.refs = self._load_json(OMNIREF_JSON, dict)
     instances = self._load_json(INSTANCES_JSON, dict)
     self.supp = self._load_json(SUPP_JSON, dict)
-    for split, key in SPLIT_KEYS.items():
+    self.split_keys = dict(config.split_keys)
+    for split, key in self.split_keys.items():
       if not isinstance(self.refs.get(key), list):
         raise MalformedRecordError(self.paths[OMNIREF_JSON], "top level", key,
                                    f"must be the list of {split} refs; the file has keys {sorted(self.refs)}")
@@ -372,9 +379,10 @@ class ReleasedFiles:
     # No target: the reference is the instance of one of supp_cat_ids at supp_image_id.
     supp_image_id = self._field(ref, "supp_image_id", int, where)
     supp_cat_ids = self._field(ref, "supp_cat_ids", list, where)
-    if not supp_cat_ids or not all(isinstance(c, int) for c in supp_cat_ids):
+    if not supp_cat_ids or not all(isinstance(c, int) or (isinstance(c, str) and c.isdigit()) for c in supp_cat_ids):
       raise MalformedRecordError(self.paths[OMNIREF_JSON], where, "supp_cat_ids",
                                  f"must be a non-empty list of category ids; got {supp_cat_ids!r:.60}")
+    supp_cat_ids = [int(c) for c in supp_cat_ids]
     if supp_image_id == target.image_id:
       raise MalformedRecordError(self.paths[OMNIREF_JSON], where, "supp_image_id",
                                  "is the target image itself; a reference must come from another image")
@@ -408,7 +416,7 @@ class ReleasedFiles:
     """Validates every record of `split` and lists its examples in file order (one per sentence for text)."""
     if split not in SPLIT_KEYS:
       raise ValueError(f"{split=} must be one of {list(SPLIT_KEYS)}.")
-    key, modality = SPLIT_KEYS[split], SPLIT_MODALITY[split]
+    key, modality = self.split_keys[split], SPLIT_MODALITY[split]
     plans = []
     seen: set[Any] = set()
     for position, ref in enumerate(self.refs[key]):
@@ -543,7 +551,7 @@ def generate_split(files: ReleasedFiles, split: str, *, config_name: str = "rele
   for index, plan in enumerate(plans):
     rng = _rng(files.config, split, plan.ref_id, plan.sentence_index)
     target = plan.text_target or plan.visual.target
-    where = f"[{SPLIT_KEYS[split]!r}] ref_id={plan.ref_id}"
+    where = f"[{files.split_keys[split]!r}] ref_id={plan.ref_id}"
     if target.image_id not in images:
       images = {target.image_id: _read_rgb(target.image_path, target.height, target.width,
                                            file=files.paths[OMNIREF_JSON], where=where)}

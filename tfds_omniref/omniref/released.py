@@ -31,6 +31,7 @@ omni_test <- 'omni-test'.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import os
@@ -470,14 +471,18 @@ def _read_rgb(path: str, height: int, width: int, *, file: str, where: str) -> n
 
 
 class _Decoder:
-  """Decodes annotation masks and images once per split (images and anns recur across sentences)."""
+  """Decodes annotation masks, keeping the most recent ones (anns recur across a ref's sentences and refs)."""
+
+  _CACHE_SIZE = 256  # masks of 640x480 COCO images: at most about 80 MB
 
   def __init__(self, files: ReleasedFiles):
     self.files = files
-    self._masks: dict[int, np.ndarray] = {}
+    self._masks: collections.OrderedDict[int, np.ndarray] = collections.OrderedDict()
 
   def ann_mask(self, ann_id: int, height: int, width: int) -> np.ndarray:
-    if ann_id not in self._masks:
+    if ann_id in self._masks:
+      self._masks.move_to_end(ann_id)
+    else:
       ann = self.files.anns[ann_id]
       mask = decode_segmentation(ann["segmentation"], height, width, path=self.files.paths[INSTANCES_JSON],
                                  record=f"annotation id={ann_id}")
@@ -485,6 +490,8 @@ class _Decoder:
         raise MalformedRecordError(self.files.paths[INSTANCES_JSON], f"annotation id={ann_id}", "segmentation",
                                    "decodes to an empty mask")
       self._masks[ann_id] = mask
+      if len(self._masks) > self._CACHE_SIZE:
+        self._masks.popitem(last=False)
     return self._masks[ann_id]
 
   def target_mask(self, target: _Target) -> np.ndarray:

@@ -8,5 +8,6 @@ or, once registered, the plain TFDS calls: `tfds.builder('omniref/shapes', data_
 """
 
 from tfds_omniref import omniref
+from tfds_omniref import ris  # registers the `ris` builder (RIS benchmarks) too
 
 __all__ = ["omniref"]

@@ -222,7 +222,7 @@ def test_building_twice_gives_identical_bytes(built, tmp_path):
 
 
 def test_unknown_config_lists_the_known_configs(tmp_path):
-  with pytest.raises(ValueError, match=r"known configs: \['shapes', 'shapes_tiny'")
+  with pytest.raises(ValueError, match=r"known configs: \['shapes', 'shapes_tiny'"):
     builder_lib.Builder(config="shapez", data_dir=os.fspath(tmp_path))
   with pytest.raises(ValueError, match="shapes_tiny"):
     tfds.builder("omniref/nope", data_dir=os.fspath(tmp_path))

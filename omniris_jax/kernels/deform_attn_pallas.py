@@ -215,7 +215,11 @@ def _backward_kernel(value_ref, locations_ref, weights_ref, grad_output_ref, gra
 
 
 def _pad_queries(array: Array, padded_queries: int) -> Array:
-  """Zero-pads axis 1 (queries): zero attention weights make padded queries contribute nothing."""
+  """Zero-pads axis 1 (queries) to a whole number of blocks.
+
+  Padded queries cannot leak: their outputs are sliced off, so their output cotangent is zero and every
+  gradient they would scatter or reduce is zero too (and their zero attention weights sample nothing).
+  """
   padding = padded_queries - array.shape[1]
   if padding == 0:
     return array

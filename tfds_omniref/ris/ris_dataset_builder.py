@@ -54,9 +54,9 @@ Put these files in the manual directory (pass it as `--manual_dir`, or
 `tfds.download.DownloadConfig(manual_dir=...)`; TFDS's default is <data_dir>/downloads/manual/):
 
   <manual_dir>/
-    train2014/COCO_train2014_<12-digit id>.jpg   COCO 2014 train images: http://images.cocodataset.org/zips/train2014.zip
-                                                 (unzip; `images/train2014/` as ReLA has it, or
-                                                 `images/mscoco/images/train2014/` as refer has it, also work)
+    train2014/COCO_train2014_<12-digit id>.jpg
+        COCO 2014 train images: http://images.cocodataset.org/zips/train2014.zip (unzip here;
+        `images/train2014/` as ReLA has it, or `images/mscoco/images/train2014/` as refer has it, also work)
     grefcoco/grefs(unc).json, grefcoco/instances.json
         gRefCOCO, from the links in https://github.com/henghuiding/gRefCOCO (or ReLA's README,
         https://github.com/henghuiding/ReLA)
@@ -69,6 +69,7 @@ Put these files in the manual directory (pass it as `--manual_dir`, or
         RefCOCOg (UMD split): https://bvisionweb1.cs.unc.edu/licheng/referit/data/refcocog.zip (it holds both
         refs(google).p and refs(umd).p; the paper uses umd)
 
+When bvisionweb1.cs.unc.edu is down, web.archive.org keeps copies of these three zips under the same URLs.
 Only the folder of the config you build is needed, plus train2014/. Files are read as they are; nothing is
 modified.
 """

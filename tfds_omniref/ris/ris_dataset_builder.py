@@ -83,11 +83,13 @@ class RisConfig(tfds.core.BuilderConfig):
     folder: the dataset's folder in the manual directory ('grefcoco', 'refcoco', 'refcoco+', 'refcocog').
     refs_file: the refs file in that folder ('grefs(unc).json', 'refs(unc).p', 'refs(umd).p').
     splits: the split names as the refs file spells them, which are also the TFDS split names.
+    homepage: where the refs file is published.
   """
 
   folder: str = ""
   refs_file: str = ""
   splits: tuple[str, ...] = ()
+  homepage: str = "https://github.com/lichengunc/refer"
 
   def __post_init__(self):
     if not self.folder or not self.refs_file or not self.splits:
@@ -97,6 +99,7 @@ class RisConfig(tfds.core.BuilderConfig):
 
 GREFCOCO = RisConfig(
     name="grefcoco", folder="grefcoco", refs_file="grefs(unc).json", splits=("train", "val", "testA", "testB"),
+    homepage="https://github.com/henghuiding/gRefCOCO",
     description="gRefCOCO (ReLA): multi-target, single-target and no-target expressions; one example per sentence.")
 REFCOCO = RisConfig(
     name="refcoco", folder="refcoco", refs_file="refs(unc).p", splits=("train", "val", "testA", "testB"),
@@ -201,7 +204,7 @@ class Builder(tfds.core.GeneratorBasedBuilder):
         # Examples stay in the refs file's order (ref by ref, sentence by sentence): index i of a split is the
         # i-th expression, as in ReLA's and LAVT's evaluation lists. grain shuffles at read time.
         disable_shuffling=True,
-        homepage="https://github.com/henghuiding/gRefCOCO",
+        homepage=self.builder_config.homepage,
     )
 
   def _split_generators(self, dl_manager: tfds.download.DownloadManager):

@@ -219,6 +219,8 @@ def test_missing_file_names_the_file_and_the_instructions(tmp_path):
   shutil.rmtree(os.path.join(manual, "train2014"))
   with pytest.raises(FileNotFoundError, match=r"(?s)No COCO train2014 image folder.*train2014\.zip"):
     builder_lib.build("refcoco", data_dir=str(tmp_path / "tfds"), manual_dir=manual)
+  with pytest.raises(AssertionError, match=r"(?s)does not exist or is empty.*refcoco\+\.zip"):  # TFDS's check
+    builder_lib.build("refcoco", data_dir=str(tmp_path / "tfds"), manual_dir=str(tmp_path / "nowhere"))
   _assert_nothing_written(tmp_path / "tfds", "refcoco")
 
 

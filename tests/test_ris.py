@@ -288,7 +288,7 @@ def test_segmentation_that_does_not_decode_fails_mid_build_and_leaves_nothing(tm
 def test_refs_pickle_that_would_run_code_is_refused(tmp_path):
   path = tmp_path / "refs(unc).p"
   path.write_bytes(pickle.dumps([{"ref_id": 1, "run": os.getcwd}], protocol=2))
-  with pytest.raises(ValueError, match=r"not a readable refs file .*refers to posix\.getcwd"):
+  with pytest.raises(ValueError, match=r"not a readable refs file .*refers to \w+\.getcwd"):
     refer_files.load_ref_records(str(path))
 
 

@@ -308,3 +308,14 @@ def test_unknown_config_and_split_fail_clearly(tmp_path):
     builder_lib.Builder(config="refcoco+", data_dir=str(tmp_path))
   with pytest.raises(ValueError, match="its splits are"):
     builder_lib.data_source("refcocog", "testA", data_dir=str(tmp_path), manual_dir=DUMMY)
+
+
+def test_python2_refs_pickle_reads_as_text(tmp_path):
+  # The real refs(unc).p files were pickled by Python 2, whose `str` is bytes (opcode SHORT_BINSTRING 'U'), which
+  # Python 3 cannot write; these are the opcodes of `[{'ref_id': 7, 'raw': 'caf\xc3\xa9'}]` pickled by Python 2.
+  def short(data: bytes) -> bytes:
+    return b"U" + bytes([len(data)]) + data
+  body = b"\x80\x02]q\x00}q\x01(" + short(b"ref_id") + b"K\x07" + short(b"raw") + short("café".encode()) + b"ua."
+  path = tmp_path / "refs(unc).p"
+  path.write_bytes(body)
+  assert refer_files.load_ref_records(str(path)) == [{"ref_id": 7, "raw": "café"}]

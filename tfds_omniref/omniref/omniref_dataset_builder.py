@@ -5,8 +5,9 @@ Configs (`tfds.data_source('omniref/<config>', ...)`):
   shapes_tiny   the same generator at 64x64 with 18 + 3 x 9 examples, for tests
   released      the authors' OmniRef files + COCO train2014 images from the manual directory (released.py;
                 `MANUAL_DOWNLOAD_INSTRUCTIONS` says where each file comes from); train = visual-train
-A later issue adds `rebuilt` (the paper's pipeline from COCO, gRefCOCO and RefCOCOg) and the RIS benchmarks;
-they will yield the same features (features.py).
+  rebuilt       the paper's four-step construction (Sec. 4.2) from COCO instances + gRefCOCO + RefCOCOg in the
+                manual directory (rebuilt.py: selection criteria, split assignment); train is visual-only
+The RIS benchmarks (a later issue) will yield the same features (features.py).
 
 Splits: `train` (all modalities mixed), `text_test`, `visual_test`, `omni_test` (each one third single-target,
 one third multi-target, one third no-target). Files are array_record, so reading needs no TensorFlow:
@@ -25,10 +26,11 @@ from etils import epath
 import tensorflow_datasets as tfds
 
 from tfds_omniref.omniref import features as features_lib
+from tfds_omniref.omniref import rebuilt as rebuilt_lib
 from tfds_omniref.omniref import released as released_lib
 from tfds_omniref.omniref import shapes as shapes_lib
 
-_SOURCES = ("shapes", "released")
+_SOURCES = ("shapes", "released", "rebuilt")
 
 
 @dataclasses.dataclass(eq=False)
@@ -43,6 +45,7 @@ class OmnirefConfig(tfds.core.BuilderConfig):
   source: str = "shapes"
   shapes: shapes_lib.ShapesConfig | None = None
   released: released_lib.ReleasedConfig | None = None
+  rebuilt: rebuilt_lib.RebuiltConfig | None = None
 
   def __post_init__(self):
     if self.source not in _SOURCES:
@@ -53,6 +56,9 @@ class OmnirefConfig(tfds.core.BuilderConfig):
     if self.source == "released" and not isinstance(self.released, released_lib.ReleasedConfig):
       raise ValueError(f"OmnirefConfig {self.name!r} with source 'released' needs released=ReleasedConfig(...); "
                        f"got {self.released!r}.")
+    if self.source == "rebuilt" and not isinstance(self.rebuilt, rebuilt_lib.RebuiltConfig):
+      raise ValueError(f"OmnirefConfig {self.name!r} with source 'rebuilt' needs rebuilt=RebuiltConfig(...); "
+                       f"got {self.rebuilt!r}.")
 
 
 SHAPES = OmnirefConfig(
@@ -75,6 +81,13 @@ RELEASED = OmnirefConfig(
     source="released",
     released=released_lib.ReleasedConfig(),
 )
+REBUILT = OmnirefConfig(
+    name="rebuilt",
+    description=("OmniRef rebuilt by the paper's four steps from COCO train2014 instances + images, gRefCOCO and "
+                 "RefCOCOg (manual download); selection criteria and split assignment in rebuilt.py."),
+    source="rebuilt",
+    rebuilt=rebuilt_lib.RebuiltConfig(),
+)
 
 
 class Builder(tfds.core.GeneratorBasedBuilder):
@@ -84,8 +97,9 @@ class Builder(tfds.core.GeneratorBasedBuilder):
   RELEASE_NOTES = {
       "1.0.0": "First release: the OmniRIS feature spec and the procedural `shapes` and `shapes_tiny` configs.",
   }
-  BUILDER_CONFIGS = [SHAPES, SHAPES_TINY, RELEASED]
-  MANUAL_DOWNLOAD_INSTRUCTIONS = released_lib.MANUAL_DOWNLOAD_INSTRUCTIONS
+  BUILDER_CONFIGS = [SHAPES, SHAPES_TINY, RELEASED, REBUILT]
+  MANUAL_DOWNLOAD_INSTRUCTIONS = (released_lib.MANUAL_DOWNLOAD_INSTRUCTIONS + "\n" +
+                                  rebuilt_lib.MANUAL_DOWNLOAD_INSTRUCTIONS)
   DEFAULT_CONFIG_NAME = "shapes"
   # Where TFDS finds README.md and CITATIONS.bib (the description and citation it reports) and checksums.tsv:
   # beside this file. Given from __file__ because TFDS's own inference goes through importlib.resources, which
@@ -115,6 +129,8 @@ class Builder(tfds.core.GeneratorBasedBuilder):
     config = self.builder_config
     if config.source == "released":
       return self._released_split_generators(dl_manager)
+    if config.source == "rebuilt":
+      return self._rebuilt_split_generators(dl_manager)
     return {split: self._generate_examples(split=split) for split in config.shapes.split_sizes()}
 
   def _generate_examples(self, split: str):
@@ -137,6 +153,22 @@ class Builder(tfds.core.GeneratorBasedBuilder):
     """Yields (key, example) for one split of the released OmniRef; the key is the example id."""
     for example in released_lib.generate_split(files, split, config_name=self.builder_config.name, plans=plans):
       yield example["id"], features_lib.encode_example(example)
+
+  def _rebuilt_split_generators(self, dl_manager: tfds.download.DownloadManager):
+    """Runs the four steps on ids (reading and validating every source file) before any split is written.
+
+    Each split is a sized iterable (its length drives build.py's overall ETA); decoding and PNG encoding run in
+    $OMNIREF_BUILD_WORKERS forked processes (default 1), in the same order whatever the number.
+    """
+    try:
+      manual_dir = dl_manager.manual_dir
+    except AssertionError as error:  # TFDS: the manual directory does not exist or is empty
+      raise FileNotFoundError(f"omniref/{self.builder_config.name}: {error}\n"
+                              f"{rebuilt_lib.MANUAL_DOWNLOAD_INSTRUCTIONS}") from None
+    sources = rebuilt_lib.load(manual_dir, self.builder_config.rebuilt)
+    construction = rebuilt_lib.plan(sources)
+    return {split: rebuilt_lib.SplitExamples(sources, construction.examples[split], self.builder_config.name)
+            for split in rebuilt_lib.SPLITS}
 
 
 def data_source(config_name: str, split: str, *, data_dir: str, manual_dir: str | None = None):

@@ -58,7 +58,8 @@ class BlockSizes:
 
   Attributes:
     block_q: queries per program; a power of two (Triton tensors must have power-of-two sizes). Queries are
-      padded up to a multiple of it.
+      padded up to a multiple of it; with fewer queries than `block_q`, the next power of two above their
+      number is used instead.
     num_warps: Triton warps per program (GPU only).
     num_stages: Triton software-pipelining stages (GPU only; the kernels have no pipelined loop, so 1).
   """
@@ -355,8 +356,10 @@ def multi_scale_deformable_attention_pallas(
                        backend)
   batch, num_queries, num_heads = sampling_locations.shape[:3]
   head_dim = value.shape[-1]
-  block_q = block_sizes.block_q
-  padded_queries = pl.cdiv(num_queries, block_q) * block_q
+  # Few queries (the prompt generator's 20) need no block larger than the next power of two above them.
+  block_sizes = dataclasses.replace(block_sizes,
+                                    block_q=min(block_sizes.block_q, pl.next_power_of_2(num_queries)))
+  padded_queries = pl.cdiv(num_queries, block_sizes.block_q) * block_sizes.block_q
   config = _Config(spatial_shapes, block_sizes, bool(interpret), backend)
   output = _deform_attn(config, value, _pad_queries(sampling_locations, padded_queries),
                         _pad_queries(attention_weights, padded_queries))

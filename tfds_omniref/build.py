@@ -48,7 +48,7 @@ class Progress:
   `expected` (shapes); with no total the line still shows the count and the rate.
   """
 
-  def __init__(self, name: str, *, interval_s: float = 5.0, progress_file: str | None = None, stream=sys.stderr):
+  def __init__(self, name: str, *, interval_s: float = 5.0, progress_file: str | None = None, stream=None):
     self.name, self.interval_s, self.progress_file, self.stream = name, interval_s, progress_file, stream
     self.total: int | None = 0
     self.done = 0
@@ -72,7 +72,7 @@ class Progress:
     if not force and now - self._last < self.interval_s:
       return
     self._last = now
-    print(self.line(), file=self.stream, flush=True)
+    print(self.line(), file=self.stream or sys.stderr, flush=True)  # sys.stderr as of now (tests swap it)
     if self.progress_file:
       elapsed = now - self.start
       state = {"name": self.name, "done": self.done, "total": self.total, "elapsed_s": elapsed}

@@ -78,14 +78,18 @@ def _output_and_grads(implementation, spatial_shapes, value, locations, weights,
     output = implementation(value, spatial_shapes, locations, weights)
     return jnp.sum(output.astype(jnp.float32) * cotangent.astype(jnp.float32)), output
 
-  grads, output = jax.jit(jax.grad(loss, argnums=(0, 1, 2), has_aux=True))(value, locations, weights)
+  # "highest": on a GPU the reference's float32 einsum would otherwise be allowed TF32.
+  with jax.default_matmul_precision("highest"):
+    grads, output = jax.jit(jax.grad(loss, argnums=(0, 1, 2), has_aux=True))(value, locations, weights)
   return [np.asarray(x, np.float32) for x in (output, *grads)]
 
 
 def _pallas(block_q=BLOCK_Q):
+  """The kernels in interpret mode, on any host (compiled runs have their own, GPU-only test)."""
   def run(value, spatial_shapes, locations, weights):
     return deform_attn_pallas.multi_scale_deformable_attention_pallas(
-        value, spatial_shapes, locations, weights, block_sizes=deform_attn_pallas.BlockSizes(block_q=block_q))
+        value, spatial_shapes, locations, weights, block_sizes=deform_attn_pallas.BlockSizes(block_q=block_q),
+        interpret=True)
   return run
 
 
@@ -131,6 +135,8 @@ def test_interpret_output_has_value_dtype_and_grads_have_input_dtypes():
 # ----------------------------------------------------------------------------------------------------------
 # The model selects the kernel by name
 # ----------------------------------------------------------------------------------------------------------
+@pytest.mark.skipif(jax.default_backend() == "tpu", reason="the pallas kernel has no TPU lowering (refused by "
+                    "test_tpu_is_refused_with_a_pointer_to_xla); the module would raise there by design")
 def test_msdeformattn_with_pallas_equals_xla():
   """implementation="pallas" in the module config goes through the registry and changes nothing numerically."""
   spatial_shapes = ((4, 6), (2, 3), (1, 1))
@@ -145,8 +151,9 @@ def test_msdeformattn_with_pallas_equals_xla():
   params = xla_module.init(jax.random.key(0), query, reference_points, value_input, spatial_shapes)
   # Non-zero offset and attention kernels, so samples move with the query (init has them at zero).
   params = jax.tree.map(lambda p: p + 0.05 * jax.random.normal(jax.random.key(1), p.shape), params)
-  expected = xla_module.apply(params, query, reference_points, value_input, spatial_shapes)
-  got = jax.jit(lambda p: pallas_module.apply(p, query, reference_points, value_input, spatial_shapes))(params)
+  with jax.default_matmul_precision("highest"):  # no TF32 on a GPU host: both sides in true float32
+    expected = xla_module.apply(params, query, reference_points, value_input, spatial_shapes)
+    got = jax.jit(lambda p: pallas_module.apply(p, query, reference_points, value_input, spatial_shapes))(params)
   np.testing.assert_allclose(np.asarray(got), np.asarray(expected), rtol=2e-5, atol=2e-5)
   assert "pallas" in deform_attn.available_implementations()
 
@@ -271,7 +278,7 @@ def test_compiled_matches_reference_on_gpu(dtype):
   ours = _output_and_grads(compiled, spatial_shapes, *inputs)
   reference = _output_and_grads(deform_attn.multi_scale_deformable_attention, spatial_shapes,
                                 *(x.astype(jnp.float32) for x in inputs))
-  # On GPU the float32 reference's einsum may use TF32; 1e-3 covers that.
-  tolerance = max(_TOLERANCE[dtype], 1e-3)
+  # float32: 1e-4 leaves room for the atomics' run-to-run summation order over up to thousands of terms.
+  tolerance = max(_TOLERANCE[dtype], 1e-4)
   for got, expected in zip(ours, reference):
     np.testing.assert_allclose(got, expected, rtol=tolerance, atol=tolerance * np.abs(expected).max())

@@ -236,17 +236,22 @@ class _Config(NamedTuple):
 
 
 def _grid_and_specs(config: _Config, value: Array, locations: Array):
-  """Grid (batch, heads, query blocks) and the BlockSpecs shared by forward and backward."""
+  """Grid (query blocks, batch, heads) and the BlockSpecs shared by forward and backward.
+
+  Query blocks come first because Triton launches the first grid axis fastest: programs that run at the same
+  time then read (and, backward, atomically update) the same (batch, head) value map, which stays in L2; the
+  first axis is also the one without CUDA's 65535 limit.
+  """
   batch, num_values, num_heads, head_dim = value.shape
   _, padded_queries, _, num_levels, num_points, _ = locations.shape
   block_q = config.block_sizes.block_q
-  grid = (batch, num_heads, padded_queries // block_q)
+  grid = (padded_queries // block_q, batch, num_heads)
   # `None` squeezes batch and head out of the kernel's view; the value map of one (batch, head) is whole.
-  value_spec = pl.BlockSpec((None, num_values, None, head_dim), lambda b, h, q: (b, 0, h, 0))
+  value_spec = pl.BlockSpec((None, num_values, None, head_dim), lambda q, b, h: (b, 0, h, 0))
   locations_spec = pl.BlockSpec((None, block_q, None, num_levels, num_points, 2),
-                                lambda b, h, q: (b, q, h, 0, 0, 0))
-  weights_spec = pl.BlockSpec((None, block_q, None, num_levels, num_points), lambda b, h, q: (b, q, h, 0, 0))
-  rows_spec = pl.BlockSpec((None, block_q, None, head_dim), lambda b, h, q: (b, q, h, 0))
+                                lambda q, b, h: (b, q, h, 0, 0, 0))
+  weights_spec = pl.BlockSpec((None, block_q, None, num_levels, num_points), lambda q, b, h: (b, q, h, 0, 0))
+  rows_spec = pl.BlockSpec((None, block_q, None, head_dim), lambda q, b, h: (b, q, h, 0))
   return grid, value_spec, locations_spec, weights_spec, rows_spec
 
 

@@ -301,6 +301,17 @@ def test_worker_processes_give_the_same_examples_in_the_same_order(built):
              zip(serial, parallel))
 
 
+def test_cached_image_pngs_equal_plain_encoding(built):
+  manual_dir, _, _, _, _ = built
+  sources = rebuilt.load(os.fspath(manual_dir))
+  rows = rebuilt.plan(sources).examples["omni_test"]
+  plain = [features_lib.encode_example(e) for e in rebuilt.generate_split(sources, rows)]
+  cached = [e for _, e in rebuilt.encoded_examples(sources, rows, workers=1)]
+  assert len({e["image_id"] for e in plain}) < len(plain)  # images recur, so the cache is hit
+  for a, b in zip(plain, cached, strict=True):
+    assert a["image"] == b["image"] and a["ref_image"] == b["ref_image"] and a["mask"] == b["mask"], a["id"]
+
+
 @pytest.mark.parametrize("split", list(SPLITS))
 def test_the_grain_pipeline_draws_a_batch_from_every_split(built, split):
   _, data_dir, _, _, _ = built

@@ -750,11 +750,11 @@ class _Encoder:
       return self.features.encode_png(pixels, name=name)
     if image_id in self._pngs:
       self._pngs.move_to_end(image_id)
-    else:
-      self._pngs[image_id] = self.features.encode_png(pixels, name=name)
-      if len(self._pngs) > _PNG_CACHE_SIZE:
-        self._pngs.popitem(last=False)
-    return self._pngs[image_id]
+      return self._pngs[image_id]
+    png = self._pngs[image_id] = self.features.encode_png(pixels, name=name)
+    while len(self._pngs) > _PNG_CACHE_SIZE:
+      self._pngs.popitem(last=False)
+    return png
 
   def __call__(self, example: Mapping[str, Any]) -> dict[str, Any]:
     encoded = self.features.encode_example(dict(example, image=_PLACEHOLDER_IMAGE, ref_image=_PLACEHOLDER_IMAGE))

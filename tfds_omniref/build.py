@@ -168,7 +168,8 @@ def main(argv: Sequence[str] | None = None) -> None:
   parser.add_argument("--manual_dir", default=None,
                       help="folder with the manually downloaded files (default <data_dir>/downloads/manual)")
   parser.add_argument("--workers", type=int, default=None,
-                      help=f"processes that generate examples where the builder supports it (sets ${rebuilt_lib.WORKERS_ENV})")
+                      help=("processes that generate examples where the builder supports it (sets "
+                            f"${rebuilt_lib.WORKERS_ENV})"))
   parser.add_argument("--stats", action="store_true", help="print the Fig. 4 statistics of the built dataset")
   parser.add_argument("--progress_file", default=None, help="also write the overall progress as JSON here")
   parser.add_argument("--progress_interval", type=float, default=5.0, help="seconds between progress lines")

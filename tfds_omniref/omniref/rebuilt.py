@@ -183,6 +183,7 @@ class TextRef:
 
   @property
   def held_out(self) -> bool:
+    """Whether the ref is in a held-out (val/test) split of its source: its image can only be a test image."""
     return self.split in HELD_OUT_SPLITS[self.source]
 
 
@@ -250,8 +251,7 @@ class Sources:
 
   # ---- Text sources -------------------------------------------------------------------------------------------
 
-  def _ref_targets(self, ref: Mapping[str, Any], ann_ids: Sequence[int], image_id: int, path: str,
-                   where: str) -> tuple[int, ...]:
+  def _ref_targets(self, ann_ids: Sequence[int], image_id: int, path: str, where: str) -> tuple[int, ...]:
     """The non-crowd referents of a ref, every id checked against the COCO instances."""
     kept = []
     for ann_id in ann_ids:
@@ -264,7 +264,6 @@ class Sources:
                                    f"but the ref is on image {image_id}")
       if not ann.get("iscrowd", 0):
         kept.append(ann_id)
-    del ref
     return tuple(sorted(kept))
 
   def _ref_common(self, ref: Any, path: str, position: int) -> tuple[str, int, str, list[str]]:
@@ -308,7 +307,7 @@ class Sources:
       elif not ann_ids or -1 in ann_ids:
         raise MalformedRecordError(path, where, "ann_id", f"must be [-1] (no target) or annotation ids; got {ann_ids}")
       else:
-        targets = self._ref_targets(ref, ann_ids, image_id, path, where)
+        targets = self._ref_targets(ann_ids, image_id, path, where)
         if len(targets) < 2:  # Step III: single-target text comes from RefCOCOg
           continue
       self.refs.append(TextRef("grefcoco", ref["ref_id"], image_id, split, targets, tuple(sentences)))
@@ -326,7 +325,7 @@ class Sources:
       where, image_id, split, sentences = self._ref_common(ref, path, position)
       self._note_image("refcocog", split, image_id)
       ann_id = _check(ref, "ann_id", int, path, where)
-      targets = self._ref_targets(ref, [ann_id], image_id, path, where)
+      targets = self._ref_targets([ann_id], image_id, path, where)
       long_sentences = tuple(s for s in sentences if len(s.split()) >= self.config.min_long_text_words)
       if targets and long_sentences:
         self.refs.append(TextRef("refcocog", ref["ref_id"], image_id, split, targets, long_sentences))

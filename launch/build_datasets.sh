@@ -67,7 +67,7 @@ mkdir -p "$LOG_DIR"
 import sys
 from tfds_omniref import build
 known = build.known_names()
-bad = [name for name in sys.argv[1:] if name not in known and name.removeprefix("omniref/") not in known]
+bad = [name for name in sys.argv[1:] if not build._is_known(name, known)]  # pylint: disable=protected-access
 if bad:
   sys.exit(f"build_datasets.sh: unknown config(s) {bad}; known: {known}")
 EOF

@@ -33,6 +33,9 @@ import tfds_omniref  # noqa: F401  pylint: disable=unused-import  (registers eve
 from tfds_omniref.omniref import omniref_dataset_builder
 from tfds_omniref.omniref import rebuilt as rebuilt_lib
 
+# Builders of this package besides omniref (registered by `import tfds_omniref`); '<builder>/<config>' names of
+# any other registered builder work too (see `_is_known`).
+_OTHER_BUILDERS = ("ris",)
 _IMAGE_FEATURES = ("image", "ref_image", "text_mask", "ref_mask", "ref_box", "ref_scribble", "visual_mask", "mask")
 
 
@@ -121,13 +124,25 @@ def resolve(name: str) -> tuple[str, str]:
 def known_names() -> list[str]:
   """Every buildable name: plain omniref configs, then '<builder>/<config>' for the other builders."""
   names = [config.name for config in omniref_dataset_builder.Builder.BUILDER_CONFIGS]
-  for builder_name in ("ris",):
+  for builder_name in _OTHER_BUILDERS:
     try:
       cls = tfds.builder_cls(builder_name)
     except tfds.core.registered.DatasetNotFoundError:
       continue
     names += [f"{builder_name}/{config.name}" for config in cls.BUILDER_CONFIGS]
   return names
+
+
+def _is_known(name: str, known: Sequence[str]) -> bool:
+  """Whether `name` is in `known`, or names a config of some other registered builder ('<builder>/<config>')."""
+  builder_name, config_name = resolve(name)
+  if name in known or f"{builder_name}/{config_name}" in known or (builder_name == "omniref" and config_name in known):
+    return True
+  try:
+    cls = tfds.builder_cls(builder_name)
+  except tfds.core.registered.DatasetNotFoundError:
+    return False
+  return config_name in [config.name for config in getattr(cls, "BUILDER_CONFIGS", [])]
 
 
 def built_statistics(builder) -> dict[str, dict[str, Any]]:
@@ -179,7 +194,7 @@ def main(argv: Sequence[str] | None = None) -> None:
   known = known_names()
   builder_name, config_name = resolve(args.config)
   full_name = f"{builder_name}/{config_name}"
-  if args.config not in known and full_name not in known and (builder_name != "omniref" or config_name not in known):
+  if not _is_known(args.config, known):
     parser.error(f"argument --config: unknown {args.config!r}; choose from {known}")
   if args.workers is not None:
     if args.workers < 1:

@@ -98,6 +98,7 @@ class MaskDecoderConfig:
 
   @property
   def num_queries(self) -> int:
+    """q * q region queries (row-major on the q x q minimap)."""
     return self.query_grid * self.query_grid
 
   @classmethod

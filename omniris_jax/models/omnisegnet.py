@@ -250,6 +250,7 @@ class EarlyFusionSwin(nn.Module):
   @nn.compact
   def __call__(self, images: Array, prompt_tokens: Array | None = None, prompt_mask: Array | None = None, *,
                deterministic: bool = True) -> dict[str, Array]:
+    """Like `swin.Swin.__call__`; prompt_tokens (B, L, D) with prompt_mask (B, L) are fused after every stage."""
     config = self.config
     dtype = jnp.dtype(config.dtype)
     x = swin.PatchEmbedding(config.embed_dim, config.patch_size, dtype=dtype, name="patch_embed")(images)

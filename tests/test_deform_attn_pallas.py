@@ -158,6 +158,25 @@ def test_msdeformattn_with_pallas_equals_xla():
   assert "pallas" in deform_attn.available_implementations()
 
 
+@pytest.mark.skipif(len(jax.devices()) < 8, reason="needs the 8 fake CPU devices of conftest.py")
+def test_under_a_mesh_each_device_runs_its_own_batch_and_heads():
+  """Under the trainer's mesh and rules the kernels run per shard (shard_map), not gathered onto every device."""
+  from flax import linen as nn  # pylint: disable=import-outside-toplevel
+  from omniris_jax import sharding  # pylint: disable=import-outside-toplevel
+  spatial_shapes = ((6, 9), (3, 4))
+  value, locations, weights, cotangent = _random_inputs(spatial_shapes, 2, 2, 13, 4, "float32")
+  value, locations, weights, cotangent = (jnp.concatenate([x, x + 0.5]) for x in (value, locations, weights,
+                                                                                   cotangent))  # batch 4
+  mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "model": 2})
+  with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.DEFAULT_RULES):
+    ours = jax.jit(jax.grad(lambda v: jnp.sum(_pallas()(v, spatial_shapes, locations, weights) * cotangent)))(
+        value)
+    expected = jax.jit(jax.grad(lambda v: jnp.sum(deform_attn.multi_scale_deformable_attention(
+        v, spatial_shapes, locations, weights) * cotangent)))(value)
+  assert ours.sharding.spec == jax.sharding.PartitionSpec(("data", "fsdp"), None, "model")
+  np.testing.assert_allclose(np.asarray(ours), np.asarray(expected), rtol=2e-5, atol=2e-5)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Input validation
 # ----------------------------------------------------------------------------------------------------------

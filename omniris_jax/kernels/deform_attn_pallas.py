@@ -26,6 +26,10 @@ Backends:
     value map (`value_ref[rows, :]`) fails with "Cannot do int indexing on TPU" in jax 0.10.2. Compiled use on
     TPU raises a ValueError that says to use implementation="xla".
 
+Multi-device: a pallas_call is opaque to XLA's SPMD partitioner, so under the trainer's `jax.set_mesh` and flax
+logical-axis rules the kernels run inside `shard_map` over the mesh axes of "batch" and "heads"
+(`_mesh_partition`); without a mesh they are called directly.
+
 Public entry point: `multi_scale_deformable_attention_pallas(value, spatial_shapes, sampling_locations,
 attention_weights, *, block_sizes=None, interpret=None, backend=None)`; the model reaches it through
 `multi_scale_deformable_attention(..., implementation="pallas")`.
@@ -35,12 +39,15 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import linen as nn
 from jax.experimental import pallas as pl
+from jax.sharding import PartitionSpec
 from jax.experimental.pallas import triton as pl_triton
 
 from omniris_jax.models import deform_attn
@@ -324,6 +331,39 @@ def _deform_attn_bwd(config: _Config, residuals, grad_output: Array):
 _deform_attn.defvjp(_deform_attn_fwd, _deform_attn_bwd)
 
 
+def _split_axes(mesh, entry, dim: int):
+  """`entry` (mesh axis, tuple of them, or None) if its devices divide `dim`, else None (replicated)."""
+  if entry is None:
+    return None
+  axes = entry if isinstance(entry, tuple) else (entry,)
+  size = math.prod(mesh.shape[axis] for axis in axes)
+  return entry if size > 1 and dim % size == 0 else None
+
+
+def _mesh_partition(value: Array):
+  """PartitionSpecs that split the kernels over the ambient mesh's batch and heads axes, or None.
+
+  A pallas_call is opaque to XLA's SPMD partitioner, which would gather its operands onto every device and
+  repeat the whole batch there. Under `jax.set_mesh(...)` and flax logical-axis rules (as the trainer runs),
+  the call is instead wrapped in `shard_map` over the mesh axes that the rules give "batch" and "heads":
+  every (batch, head) pair is independent, so each device runs the kernels on its own slice, gradients
+  included. A mesh axis that does not divide its dimension is left replicated.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return None
+  rules_spec = nn.logical_to_mesh_axes(("batch", "length", "heads", None))
+  if rules_spec is None:
+    return None
+  batch_entry, _, heads_entry, _ = tuple(rules_spec) + (None,) * (4 - len(rules_spec))
+  batch_axes = _split_axes(mesh, batch_entry, value.shape[0])
+  heads_axes = _split_axes(mesh, heads_entry, value.shape[2])
+  if batch_axes is None and heads_axes is None:
+    return None
+  rows = PartitionSpec(batch_axes, None, heads_axes)  # value, locations, weights, output: (B, *, heads, ...)
+  return mesh, rows
+
+
 def multi_scale_deformable_attention_pallas(
     value: Array,
     spatial_shapes: Sequence[Sequence[int]],
@@ -366,8 +406,13 @@ def multi_scale_deformable_attention_pallas(
                                     block_q=min(block_sizes.block_q, pl.next_power_of_2(num_queries)))
   padded_queries = pl.cdiv(num_queries, block_sizes.block_q) * block_sizes.block_q
   config = _Config(spatial_shapes, block_sizes, bool(interpret), backend)
-  output = _deform_attn(config, value, _pad_queries(sampling_locations, padded_queries),
-                        _pad_queries(attention_weights, padded_queries))
+  attend = functools.partial(_deform_attn, config)
+  partition = _mesh_partition(value)
+  if partition is not None:
+    mesh, rows = partition
+    attend = jax.shard_map(attend, mesh=mesh, in_specs=(rows, rows, rows), out_specs=rows, check_vma=False)
+  output = attend(value, _pad_queries(sampling_locations, padded_queries),
+                  _pad_queries(attention_weights, padded_queries))
   return output[:, :num_queries].reshape(batch, num_queries, num_heads * head_dim)
 
 

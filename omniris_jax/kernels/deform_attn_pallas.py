@@ -92,7 +92,9 @@ def _check_kernel_inputs(value: Array, spatial_shapes: SpatialShapes, sampling_l
                          attention_weights: Array, block_sizes: BlockSizes, interpret: bool,
                          backend: str) -> None:
   """Raises a ValueError that names the offending argument and says what to do."""
-  deform_attn._check_inputs(value, spatial_shapes, sampling_locations, attention_weights)  # pylint: disable=protected-access
+  # The shape contract is the dispatcher's; one check, shared.
+  deform_attn._check_inputs(  # pylint: disable=protected-access
+      value, spatial_shapes, sampling_locations, attention_weights)
   for name, array in (("value", value), ("sampling_locations", sampling_locations),
                       ("attention_weights", attention_weights)):
     if not jnp.issubdtype(array.dtype, jnp.floating):

@@ -1,8 +1,15 @@
-"""Fields shared by every stage config; each stage file (`joint.py`, ...) starts from `base_config(variant)`.
+"""Fields shared by every stage config; each stage file starts from `base_config(variant)` and sets its stage.
+
+The paper's regime (Sec. 5, "Training Regimes"), one file per stage, each initialising from the one before:
+  configs/alignment.py  stage 1, vision-language alignment on text data
+  configs/visual.py     stage 2, visual instruction tuning, text encoder frozen
+  configs/joint.py      stage 3, joint omni training, text : visual = 7 : 2
 
 Variants (`--config=configs/joint.py:demo`):
-  ''      the paper's recipe on real data (Swin-B, BERT-base, 480x480, batch 64)
-  'demo'  tiny Swin + the real pretrained MiniLM text encoder on the synthetic `shapes` data, for a 2-core CPU
+  ''          the paper's recipe on real data (Swin-B, BERT-base, 480x480, batch 64, lr 1e-5)
+  'demo'      small Swin + the real pretrained MiniLM text encoder on the synthetic `shapes` data, for a 2-core
+              CPU; `joint.py:demo` runs all three stages from one command
+  'demo_long' the demo model on a longer schedule (about 2 hours on the 2-core CPU)
 One field can be overridden from the command line, e.g. `--config.input.batch_size=16`.
 """
 
@@ -10,34 +17,116 @@ from __future__ import annotations
 
 import ml_collections
 
-VARIANTS = ("", "demo")
+VARIANTS = ("", "demo", "demo_long")
+STAGES = ("alignment", "visual", "joint")
+# Steps per stage (alignment, visual, joint) for each variant.
+_STEPS = {"": (40_000, 40_000, 40_000), "demo": (300, 300, 300), "demo_long": (3000, 3000, 4000)}
 
 
 def base_config(variant: str = "") -> ml_collections.ConfigDict:
-  """The config shared by all stages for `variant` ('' = paper, 'demo')."""
+  """The config shared by all stages for `variant` ('' = paper, 'demo', 'demo_long')."""
   if variant not in VARIANTS:
     raise ValueError(f"Unknown config variant {variant!r}; choose one of {VARIANTS} (e.g. configs/joint.py:demo).")
-  demo = variant == "demo"
+  demo = variant.startswith("demo")
   c = ml_collections.ConfigDict()
   c.variant = variant
-  c.seed = 0  # Seeds parameter init, the data order and every random choice in the pipeline.
+  c.seed = 0  # Seeds parameter init, dropout (fold_in(seed, step)), the data order and every random choice.
+  c.stage = ""  # Set by the stage file: the sub-directory of the workdir this stage writes to.
+  c.init_from = ml_collections.config_dict.placeholder(str)  # A stage name (WORKDIR/<name>/checkpoints) or an
+  # absolute checkpoint directory whose newest parameters start this stage; None: scratch.
+  c.train_data = "text"  # 'text' (dataset.text_source), 'visual' (dataset.visual_source) or 'mixed' (both).
+  c.mix_ratio = (7, 2)  # Text : visual examples when train_data='mixed' (paper Table 5's best).
+  c.prompts = ("text", "visual")  # The prompt encoders the train step runs (stage 1 skips the visual one).
+  c.run_before = ()  # Stage names run first, from `stage_configs` (the demo's one-command sequence).
 
   c.dataset = ml_collections.ConfigDict()
   # TFDS name 'builder/config'. 'omniref/shapes' is the embedded synthetic set (built on first use, no download);
-  # real datasets ('omniref/released', 'omniref/rebuilt', ...) are built once with launch/build_datasets.sh.
+  # real datasets ('omniref/released', 'ris/grefcoco', ...) are built once with `python -m tfds_omniref.build`.
   c.dataset.name = "omniref/shapes" if demo else "omniref/released"
   c.dataset.data_dir = ml_collections.config_dict.placeholder(str)  # None: TFDS's default, ~/tensorflow_datasets.
-  c.dataset.train_split = "train"
+  c.dataset.train_split = "train"  # The split `python -m omniris_jax.main` previews and summarises.
+  c.dataset.test_name = c.dataset.get_ref("name")  # The dataset whose test splits every evaluation reads.
   c.dataset.test_splits = ("text_test", "visual_test", "omni_test")  # The paper's Table 1 columns.
+  # Text-guided training data (stages 1 and 3): gRefCOCO in the paper, the text examples of shapes in the demo.
+  c.dataset.text_source = ml_collections.ConfigDict()
+  c.dataset.text_source.name = c.dataset.get_ref("name") if demo else "ris/grefcoco"  # TFDS name.
+  c.dataset.text_source.split = c.dataset.get_ref("train_split") if demo else "train"  # Split to read.
+  c.dataset.text_source.data_dir = c.dataset.get_ref("data_dir")  # Where it is built.
+  c.dataset.text_source.modalities = ("text",) if demo else ()  # Keep only these modalities; () keeps all.
+  # Visual-guided training data (stages 2 and 3): OmniRef's visual train split; in the demo the visual and omni
+  # examples of shapes (omni examples also carry text, so stage 2 already sees some).
+  c.dataset.visual_source = ml_collections.ConfigDict()
+  c.dataset.visual_source.name = c.dataset.get_ref("name")  # TFDS name.
+  c.dataset.visual_source.split = c.dataset.get_ref("train_split")  # Split to read.
+  c.dataset.visual_source.data_dir = c.dataset.get_ref("data_dir")  # Where it is built.
+  c.dataset.visual_source.modalities = ("visual", "omni") if demo else ()  # Keep only these; () keeps all.
 
   c.input = ml_collections.ConfigDict()
   c.input.resolution = 128 if demo else 480  # Square side images and masks are resized to (paper: 480).
   c.input.max_text_len = 20  # BERT tokens including [CLS]/[SEP] (paper: 20).
-  c.input.batch_size = 16 if demo else 64  # Global batch.
+  c.input.batch_size = 16 if demo else 64  # Global batch (split over processes and data x fsdp devices).
   c.input.prompt_types = ("mask", "box", "scribble")  # Spatial prompts drawn at random in training.
   c.input.regenerate_prompts = True  # Fresh boxes/scribbles from the reference mask at every draw (training).
-  c.input.worker_count = 0 if demo else 8  # grain worker processes per host.
+  c.input.worker_count = 0 if demo else 8  # grain worker processes per host (0: in the training process).
 
   c.model = ml_collections.ConfigDict()
   c.model.preset = "demo" if demo else "paper"  # OmniSegNetConfig preset (models/omnisegnet.py).
+  # Per-part field overrides of the preset, e.g. {'swin': {'embed_dim': 48}, 'omni_fusion': 'joint'}.
+  c.model.overrides = ml_collections.ConfigDict()
+  # HF-format BERT folder the text encoder starts from when a stage starts from scratch; 'minilm' = the shipped
+  # all-MiniLM-L6-v2 (demo); the paper uses BERT-base (give its folder); None = random init.
+  c.model.text_encoder_checkpoint = "minilm" if demo else ml_collections.config_dict.placeholder(str)
+
+  c.loss = _loss_config()
+
+  c.optimizer = ml_collections.ConfigDict()
+  c.optimizer.learning_rate = 1e-4 if demo else 1e-5  # Peak learning rate (paper: 1e-5).
+  c.optimizer.warmup_steps = 20 if demo else 1000  # Linear warmup from 0.
+  c.optimizer.power = 0.9  # Polynomial decay exponent (detectron2 'WarmupPolyLR' default) ...
+  c.optimizer.end_learning_rate = 0.0  # ... down to this at the stage's last step.
+  c.optimizer.b1 = 0.9  # Adam beta1.
+  c.optimizer.b2 = 0.999  # Adam beta2.
+  c.optimizer.eps = 1e-8  # Adam epsilon.
+  c.optimizer.weight_decay = 0.05  # Decoupled weight decay (paper), except on `no_decay` paths.
+  c.optimizer.no_decay = (  # Path regexes (re.search) that get no weight decay.
+      r"(^|/)bias$", r"(^|/)scale$", r"(^|/)embedding$", r"relative_position_bias_table$",
+      r"(^|/)(level_embed|query_embed|query_pos|query_features|query_positions|reference_points)$")
+  c.optimizer.grad_clip_norm = ml_collections.config_dict.placeholder(float)  # Global-norm clip; None: off
+  # (the release clips at 0.01).
+  # (path regex, None = frozen | 'default' = trained), first full match wins (big_vision's config.schedule).
+  c.optimizer.schedule = ((".*", "default"),)
+
+  c.total_steps = 120_000  # Optimiser steps of this stage (set by the stage file).
+  c.log_every = 10 if demo else 100  # Steps between progress lines / scalars (and the NaN guard's host sync).
+  c.eval_every = 0  # Steps between evaluations on the test splits (0: only at the end of the stage).
+  c.checkpoint_every = 100 if demo else 2000  # Steps between checkpoints (and always at the end).
+  c.keep_checkpoints = 2  # Checkpoints kept per stage (the newest).
+  c.async_checkpointing = True  # Write checkpoints in the background while training continues.
+
+  c.eval = ml_collections.ConfigDict()
+  c.eval.batch_size = 32 if demo else 64  # Global evaluation batch (padded to full batches).
+  c.eval.preview_per_split = 3  # Examples per test split drawn with predictions in evals/step_<N>.png.
+
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = -1  # Data-parallel axis; -1 = every device not used by the others.
+  c.mesh.fsdp = 1  # Batch + parameter sharding (ZeRO-3) axis.
+  c.mesh.model = 1  # Tensor-parallel axis ('mlp' and 'heads' sides of projections).
+  c.mesh.num_devices = 0  # 0: every device; n: the first n (tests, debugging on part of a machine).
+
+  c.sharding = ml_collections.ConfigDict()
+  c.sharding.rules = (  # Logical axis -> mesh axes (models/layers.py names); see omniris_jax/sharding.py.
+      ("batch", ("data", "fsdp")), ("embed", "fsdp"), ("mlp", "model"), ("heads", "model"),
+      ("conv_out", "model"), ("conv_in", None), ("vocab", None), ("table", None), ("length", None),
+      ("height", None), ("width", None))
   return c
+
+
+def _loss_config() -> ml_collections.ConfigDict:
+  """The loss terms' weights (omniris_jax/losses.py documents each term)."""
+  from omniris_jax import losses  # pylint: disable=g-import-not-at-top
+  return losses.default_loss_config()
+
+
+def stage_steps(variant: str, stage: str) -> int:
+  """The number of optimiser steps of `stage` in `variant`."""
+  return _STEPS[variant][STAGES.index(stage)]

@@ -1,7 +1,12 @@
 """Stage 3, joint omni training (paper Sec. 5 "Training Regimes"): text and visual data mixed at 7:2.
 
-  python -m omniris_jax.main --config=configs/joint.py:demo --workdir=workdir/demo   # synthetic, CPU
-  python -m omniris_jax.main --config=configs/joint.py --workdir=gs://bucket/omniris  # paper recipe, real data
+Starts from stage 2's parameters (`init_from='visual'`). The demo variants run the whole regime from one command:
+stage 1 (alignment.py) -> stage 2 (visual.py) -> stage 3, each in WORKDIR/<stage>/, each starting from the
+previous one; re-running the same command resumes where it stopped.
+
+  python -m omniris_jax.main --config=configs/joint.py:demo --workdir=workdir/demo            # 3 stages, CPU
+  python -m omniris_jax.main --config=configs/joint.py:demo_long --workdir=workdir/demo_long  # ~2 h on 2 cores
+  python -m omniris_jax.main --config=configs/joint.py --workdir=gs://bucket/omniris          # paper, stage 3
 """
 
 from __future__ import annotations
@@ -10,12 +15,21 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # config files are loaded by path, not as a package
+import alignment  # noqa: E402  pylint: disable=g-import-not-at-top
 import common  # noqa: E402  pylint: disable=g-import-not-at-top
+import visual  # noqa: E402  pylint: disable=g-import-not-at-top
 
 
 def get_config(arg: str = ""):
-  """`arg` is the variant after the colon: '' (paper recipe) or 'demo'."""
+  """`arg` is the variant after the colon: '' (paper recipe, this stage only), 'demo' or 'demo_long' (all three)."""
   c = common.base_config(arg)
-  c.stage = "joint"
-  c.mix_ratio = (7, 2)  # Text-guided : visual-guided examples per batch (paper Table 5's best).
+  c.stage = "joint"  # Writes WORKDIR/joint/.
+  c.init_from = "visual"  # Parameters from WORKDIR/visual/checkpoints (newest).
+  c.train_data = "mixed"  # dataset.text_source and dataset.visual_source interleaved ...
+  c.mix_ratio = (7, 2)  # ... 7 text-guided : 2 visual-guided examples (paper Table 5's best).
+  c.prompts = ("text", "visual")  # Both prompt encoders.
+  c.total_steps = common.stage_steps(arg, "joint")  # Optimiser steps of this stage.
+  if arg.startswith("demo"):
+    c.run_before = ("alignment", "visual")  # One command runs the whole regime.
+    c.stage_configs = {"alignment": alignment.get_config(arg), "visual": visual.get_config(arg)}
   return c

@@ -1,14 +1,17 @@
 """The main job: `python -m omniris_jax.main --config=configs/joint.py:demo --workdir=DIR`.
 
-Deliberately thin: the work lives in library modules that can be imported and tested (and used from Colab).
-Until the staged trainer lands, the job prepares the configured dataset (building the synthetic one on first use),
-prints its statistics, writes `WORKDIR/preview.png`, and draws batches through the input pipeline.
+Deliberately thin (the flax examples' rule): the work lives in library modules that can be imported, tested and
+used from Colab. The job
+  1. initialises multi-host JAX when asked (`--multihost`: TPU pods, SLURM GPU clusters),
+  2. makes sure the data exists (the synthetic set is built on first use; a missing real dataset fails at once,
+     naming it and the command that builds it), prints its statistics and writes `WORKDIR/preview.png`,
+  3. trains and evaluates: the config's stage, preceded by `config.run_before` stages (the demo runs all three),
+     see omniris_jax/train.py for what lands in the workdir.
 """
 
 from __future__ import annotations
 
 import os
-import time
 
 from absl import app
 from absl import flags
@@ -16,18 +19,34 @@ from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/joint.py:demo.",
                                           lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Where outputs (preview, later checkpoints and results) go.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, results, event files and previews go.")
+_MULTIHOST = flags.DEFINE_bool("multihost", False, "Call jax.distributed.initialize() before anything else "
+                               "(one process per host; coordinator from the environment).")
+_CHECK_PIPELINE = flags.DEFINE_bool("check_pipeline", False, "Also draw and time a few training batches.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
-def prepare_data(config, workdir: str) -> None:
-  """Builds (if synthetic) and summarises the dataset, writes a preview, and times the input pipeline."""
+def _dataset_names(config) -> list[str]:
+  names = [config.dataset.test_name]
+  for source in (config.dataset.text_source, config.dataset.visual_source):
+    if source.name not in names:
+      names.append(source.name)
+  return names
+
+
+def prepare_data(config, workdir: str, *, time_pipeline: bool = True) -> None:
+  """Builds (if synthetic) or checks every dataset the config reads, prints the statistics of the main one,
+  writes a preview of test examples, and (optionally) draws and times training batches."""
+  import time  # pylint: disable=g-import-not-at-top
+
   from omniris_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   from omniris_jax.data import prepare  # pylint: disable=g-import-not-at-top
   from omniris_jax.data import visualize  # pylint: disable=g-import-not-at-top
 
-  name, data_dir = config.dataset.name, config.dataset.data_dir
-  prepare.ensure_built(name, data_dir)
+  data_dir = config.dataset.data_dir
+  for dataset_name in _dataset_names(config):  # fail fast, before any compile, naming what is missing
+    prepare.ensure_built(dataset_name, data_dir)
+  name = config.dataset.name
   splits = (config.dataset.train_split, *config.dataset.test_splits)
   statistics = {split: prepare.split_statistics(prepare.open_split(name, split, data_dir, decode_images=False))
                 for split in splits}
@@ -42,6 +61,8 @@ def prepare_data(config, workdir: str) -> None:
   preview_path = os.path.join(workdir, "preview.png")
   visualize.render_preview(examples, preview_path, title=f"{name}: test examples (ground truth and prompts)")
   print(f"Wrote {preview_path}", flush=True)
+  if not time_pipeline:
+    return
 
   dataset = pipeline.make_dataset(
       pipeline.from_tfds(name, config.dataset.train_split, data_dir), resolution=config.input.resolution,
@@ -62,8 +83,20 @@ def prepare_data(config, workdir: str) -> None:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  prepare_data(_CONFIG.value, _WORKDIR.value)
-  print("\nThe staged trainer is not part of this build yet; this job prepared and checked the data.")
+  import jax  # pylint: disable=g-import-not-at-top
+
+  if _MULTIHOST.value:
+    jax.distributed.initialize()
+  from omniris_jax import train  # pylint: disable=g-import-not-at-top
+
+  config, workdir = _CONFIG.value, _WORKDIR.value
+  if jax.process_index() == 0:
+    prepare_data(config, workdir, time_pipeline=_CHECK_PIPELINE.value)
+  else:
+    from omniris_jax.data import prepare  # pylint: disable=g-import-not-at-top
+    for dataset_name in _dataset_names(config):
+      prepare.ensure_built(dataset_name, config.dataset.data_dir)
+  train.run_stages(config, workdir)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,156 @@
+"""Checkpoints that survive preemption: the train state and the grain iterator, saved together by one orbax manager.
+
+Each checkpoint step directory holds two items:
+  state   the TrainState as a dict {step, params, opt_state} (orbax PyTree, sharded arrays, written async)
+  data    the input iterator's position (grain's orbax handler), so a resumed run sees exactly the batches the
+          uninterrupted run would have seen
+The manager keeps the last `max_to_keep` steps and only ever exposes complete ones (orbax writes to a temporary
+directory and renames it when done), so `kill -9` at any moment leaves the previous checkpoint intact.
+
+Where a stage's state comes from (`restore_or_initialize`), in this order:
+  1. resume: the newest readable checkpoint in this stage's directory (a checkpoint that fails to read is named
+     in a warning and the one before it is tried);
+  2. init_from: the parameters (only) of the newest checkpoint in `config.init_from` (the previous stage);
+     parameters that the previous stage did not have, or had with another shape, keep their fresh
+     initialisation and are listed; the optimiser starts fresh;
+  3. scratch: the fresh initialisation (with the pretrained text encoder when the config asks for it).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import grain
+import jax
+import orbax.checkpoint as ocp
+from flax import traverse_util
+
+from omniris_jax import steps
+
+STATE, DATA = "state", "data"
+
+
+class CheckpointReadError(RuntimeError):
+  """No checkpoint of a directory could be read (each failure is in the message)."""
+
+
+def make_manager(directory: str, *, max_to_keep: int = 3, save_interval_steps: int = 1,
+                 async_save: bool = True) -> ocp.CheckpointManager:
+  """The orbax manager of one stage's checkpoints (train state + grain iterator)."""
+  options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, save_interval_steps=save_interval_steps,
+                                         enable_async_checkpointing=async_save, create=True)
+  return ocp.CheckpointManager(os.path.abspath(directory), options=options, item_names=(STATE, DATA),
+                               item_handlers={STATE: ocp.PyTreeCheckpointHandler(),
+                                              DATA: grain.checkpoint.CheckpointHandler()})
+
+
+def _state_dict(state: steps.TrainState) -> dict[str, Any]:
+  return {"step": state.step, "params": state.params, "opt_state": state.opt_state}
+
+
+def save(manager: ocp.CheckpointManager, state: steps.TrainState, iterator: Any, *, force: bool = False) -> bool:
+  """Starts an (async) save of the state and the iterator at `state.step`; returns whether one was started."""
+  step = int(jax.device_get(state.step))
+  return manager.save(step, args=ocp.args.Composite(**{STATE: ocp.args.PyTreeSave(_state_dict(state)),
+                                                        DATA: grain.checkpoint.CheckpointSave(iterator)}),
+                      force=force)
+
+
+def _restore_args(abstract: Any) -> Any:
+  return jax.tree.map(lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding, global_shape=x.shape, dtype=x.dtype),
+                      abstract)
+
+
+def _abstract(shardings: Any, shapes: Any) -> Any:
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings)
+
+
+def restore_latest(manager: ocp.CheckpointManager, abstract_state: steps.TrainState, iterator: Any,
+                   log=print) -> steps.TrainState | None:
+  """The newest readable checkpoint (state + iterator position), or None when the directory has none.
+
+  `abstract_state` holds jax.ShapeDtypeStruct leaves with their shardings. A checkpoint that fails to read is
+  reported by path and the previous one is tried; CheckpointReadError when none can be read.
+  """
+  target = _state_dict(abstract_state)
+  failures = []
+  for step in sorted(manager.all_steps(), reverse=True):
+    try:
+      restored = manager.restore(step, args=ocp.args.Composite(**{
+          STATE: ocp.args.PyTreeRestore(item=target, restore_args=_restore_args(target)),
+          DATA: grain.checkpoint.CheckpointRestore(iterator)}))
+    except Exception as error:  # pylint: disable=broad-except  (any unreadable file: try the previous one)
+      path = os.path.join(str(manager.directory), str(step))
+      failures.append(f"{path}: {type(error).__name__}: {str(error).splitlines()[0][:300]}")
+      log(f"WARNING: checkpoint {path} could not be read ({failures[-1].split(': ', 1)[1]}); trying the "
+          "previous one.")
+      continue
+    log(f"Resumed from checkpoint {os.path.join(str(manager.directory), str(step))}.")
+    return steps.TrainState(**restored[STATE])
+  if failures:
+    raise CheckpointReadError(f"No checkpoint in {manager.directory} could be read: " + "; ".join(failures) +
+                              ". Delete the broken step directories to start this stage afresh.")
+  return None
+
+
+def latest_step_directory(directory: str) -> str | None:
+  """The newest complete step directory of a checkpoint directory (None when there is none)."""
+  if not os.path.isdir(directory):
+    return None
+  manager = ocp.CheckpointManager(os.path.abspath(directory), item_names=(STATE, DATA))
+  step = manager.latest_step()
+  manager.close()
+  return None if step is None else os.path.join(os.path.abspath(directory), str(step))
+
+
+def load_params_from(directory: str, abstract_params: Any, fresh_params: Any, log=print) -> Any:
+  """`fresh_params` with every parameter that the newest checkpoint in `directory` holds (same path and shape)
+  replaced by the saved value (restored straight into the target shardings); the others are listed.
+
+  Raises:
+    FileNotFoundError: when `directory` holds no checkpoint (name it, say which stage writes it).
+  """
+  step_dir = latest_step_directory(directory)
+  if step_dir is None:
+    raise FileNotFoundError(f"config.init_from={directory!r} holds no checkpoint; run the previous stage first "
+                            "(or set config.init_from=None to start from scratch).")
+  checkpointer = ocp.PyTreeCheckpointer()
+  item_dir = os.path.join(step_dir, STATE)
+  metadata = checkpointer.metadata(item_dir).item_metadata
+  saved = traverse_util.flatten_dict(getattr(metadata, "tree", metadata)["params"])
+  wanted = traverse_util.flatten_dict(abstract_params)
+  loadable = {key: value for key, value in wanted.items()
+              if key in saved and tuple(saved[key].shape) == tuple(value.shape)}
+  target = {"params": traverse_util.unflatten_dict(loadable)}
+  restored = checkpointer.restore(item_dir, args=ocp.args.PyTreeRestore(
+      item=target, restore_args=_restore_args(target), partial_restore=True))
+  loaded = traverse_util.flatten_dict(restored["params"])
+  merged = traverse_util.flatten_dict(fresh_params)
+  merged.update(loaded)
+  missing = sorted("/".join(key) for key in wanted if key not in loadable)
+  log(f"Initialised {len(loaded)} of {len(wanted)} parameter arrays from {step_dir}"
+      + (f"; freshly initialised (absent or reshaped there): {missing[:8]}"
+         f"{' ...' if len(missing) > 8 else ''}" if missing else "."))
+  return traverse_util.unflatten_dict(merged)
+
+
+def all_step_directories(directory: str) -> list[str]:
+  """The complete step directories of a checkpoint directory, oldest first (for tools and tests)."""
+  if not os.path.isdir(directory):
+    return []
+  manager = ocp.CheckpointManager(os.path.abspath(directory), item_names=(STATE, DATA))
+  result = [os.path.join(os.path.abspath(directory), str(step)) for step in sorted(manager.all_steps())]
+  manager.close()
+  return result
+
+
+def abstract_state(shardings: steps.TrainState, shapes: steps.TrainState) -> steps.TrainState:
+  """ShapeDtypeStructs with shardings: the restore target of `restore_latest`."""
+  return _abstract(shardings, shapes)
+
+
+def params_summary(params: Mapping[str, Any]) -> int:
+  """Number of parameter values (for log lines)."""
+  return sum(x.size for x in jax.tree.leaves(params))

@@ -370,6 +370,13 @@ def test_a_ref_naming_an_unknown_annotation_names_the_file_the_ref_and_the_field
     rebuilt.load(os.fspath(tmp_path))
 
 
+def test_sources_too_small_for_a_split_fail_before_writing(tmp_path):
+  with pytest.raises(ValueError, match=r"(?s)split\(s\) \['train', 'visual_test'\] empty.*train needs rich images"):
+    _build(tmp_path, FIXTURE)  # the fixture as it is: no train-only rich image
+  dataset_dir = tmp_path / "omniref" / "rebuilt"
+  assert not dataset_dir.exists() or not list(dataset_dir.iterdir())
+
+
 def test_bad_parameters_fail_clearly():
   with pytest.raises(ValueError, match="min_spread"):
     rebuilt.RebuiltConfig(min_spread=1.5)

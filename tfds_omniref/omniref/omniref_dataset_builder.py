@@ -167,6 +167,7 @@ class Builder(tfds.core.GeneratorBasedBuilder):
                               f"{rebuilt_lib.MANUAL_DOWNLOAD_INSTRUCTIONS}") from None
     sources = rebuilt_lib.load(manual_dir, self.builder_config.rebuilt)
     construction = rebuilt_lib.plan(sources)
+    rebuilt_lib.check_not_empty(construction, manual_dir)
     return {split: rebuilt_lib.SplitExamples(sources, construction.examples[split], self.builder_config.name)
             for split in rebuilt_lib.SPLITS}
 

@@ -609,6 +609,26 @@ def plan(sources: Sources) -> Plan:
   return Plan(image_split, reference_split, examples)
 
 
+_SPLIT_NEEDS = {
+    "train": "rich images annotated by gRefCOCO/RefCOCOg train splits only, and reference images of their "
+             "categories",
+    "text_test": "rich images with held-out gRefCOCO/RefCOCOg expressions",
+    "visual_test": "rich images with held-out expressions, and reference images of their categories",
+    "omni_test": "rich images with held-out expressions, and reference images that pair with them (Step IV)",
+}
+
+
+def check_not_empty(the_plan: Plan, manual_dir: str) -> None:
+  """Raises ValueError naming every split the construction left empty (TFDS cannot write an empty split)."""
+  empty = [split for split in SPLITS if not the_plan.examples[split]]
+  if empty:
+    needs = "; ".join(f"{split} needs {_SPLIT_NEEDS[split]}" for split in empty)
+    raise ValueError(
+        f"omniref/rebuilt: the sources in {manual_dir!r} leave split(s) {empty} empty ({needs}). The real COCO "
+        "+ gRefCOCO + RefCOCOg fill every split; a small test directory may not (the dummy_data fixture needs "
+        "rebuilt.repeat_manual_dir(..., copies=3) or more).")
+
+
 def plan_statistics(the_plan: Plan) -> dict[str, dict[str, Any]]:
   """Fig. 4-style counts per split from the plan alone: images, reference images, examples per target kind."""
   stats = {}

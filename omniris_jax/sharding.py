@@ -136,6 +136,13 @@ def _fit(spec: PartitionSpec, shape: Sequence[int], mesh: jax.sharding.Mesh) -> 
   return PartitionSpec(*fitted)
 
 
+def plain(boxed_tree: Any) -> Any:
+  """The tree with every logical-axis box replaced by its value (no sharding constraint applied, unlike
+  `nn.unbox`, so it also works on abstract values under a mesh)."""
+  return jax.tree.map(lambda x: x.value if isinstance(x, nn.meta.AxisMetadata) else x, boxed_tree,
+                      is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))
+
+
 def state_shardings(abstract_boxed_state: Any, mesh: jax.sharding.Mesh, rules: Sequence[tuple[str, Any]]) -> Any:
   """NamedShardings for a state whose parameter leaves are boxed with logical names (`jax.eval_shape(init)`).
 
@@ -143,7 +150,7 @@ def state_shardings(abstract_boxed_state: Any, mesh: jax.sharding.Mesh, rules: S
   """
   specs = nn.get_partition_spec(abstract_boxed_state)
   mesh_specs = nn.logical_to_mesh(specs, rules)
-  shapes = jax.tree.map(lambda x: x.shape, nn.unbox(abstract_boxed_state))
+  shapes = jax.tree.map(lambda x: x.shape, plain(abstract_boxed_state))
   is_spec = lambda x: isinstance(x, PartitionSpec)  # noqa: E731
   return jax.tree.map(lambda spec, shape: NamedSharding(mesh, _fit(spec, shape, mesh)), mesh_specs, shapes,
                       is_leaf=is_spec)

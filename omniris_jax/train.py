@@ -368,7 +368,7 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     abstract_boxed = jax.eval_shape(init_boxed_state, init_rng)
   state_shardings = sharding.state_shardings(abstract_boxed, mesh, rules)
-  shapes = nn.unbox(abstract_boxed)
+  shapes = sharding.plain(abstract_boxed)
   abstract_state = checkpointing.abstract_state(state_shardings, shapes)
   log("Parameters: " + ", ".join(f"{k} {v:,}" for k, v in omnisegnet.parameter_counts(shapes.params).items())
       + f"\nSharding: {sharding.describe(state_shardings, shapes)}", flush=True)

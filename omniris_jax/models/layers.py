@@ -126,6 +126,7 @@ class MultiHeadAttention(nn.Module):
       inputs_q: Array,
       inputs_kv: Array | None = None,
       *,
+      inputs_v: Array | None = None,
       bias: Array | None = None,
       key_padding_mask: Array | None = None,
       deterministic: bool = True,
@@ -133,11 +134,15 @@ class MultiHeadAttention(nn.Module):
     """Attends from `inputs_q` (..., Lq, D) to `inputs_kv` (..., Lk, Dkv) (self-attention when None).
 
     Args:
+      inputs_v: values from a different input than the keys (..., Lk, Dv); DETR-style decoders add positions to
+        queries and keys but not to values. Defaults to `inputs_kv`.
       bias: additive logits bias broadcastable to (..., heads, Lq, Lk).
       key_padding_mask: (..., Lk) with True (or 1) for keys that may be attended to.
     """
     if inputs_kv is None:
       inputs_kv = inputs_q
+    if inputs_v is None:
+      inputs_v = inputs_kv
     qkv_features = self.qkv_features or inputs_q.shape[-1]
     out_features = self.out_features or inputs_q.shape[-1]
     if qkv_features % self.num_heads:
@@ -151,7 +156,7 @@ class MultiHeadAttention(nn.Module):
 
     query = project(inputs_q, "query")
     key = project(inputs_kv, "key")
-    value = project(inputs_kv, "value")
+    value = project(inputs_v, "value")
     logits = jnp.einsum("...qhd,...khd->...hqk", query, key).astype(jnp.float32) / jnp.sqrt(head_dim)
     if bias is not None:
       logits = logits + bias.astype(jnp.float32)

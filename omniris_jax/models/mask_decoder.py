@@ -27,6 +27,7 @@ Heads (ReLA's construction, our own code), all on the layer-normed region featur
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Sequence
 
@@ -149,40 +150,6 @@ def sine_position_encoding(height: int, width: int, dim: int, temperature: float
   return np.concatenate([pos_y, pos_x], axis=-1).reshape(height * width, dim).astype(np.float32)
 
 
-class _Attention(nn.Module):
-  """Multi-head attention whose keys and values come from different inputs.
-
-  DETR-style decoders add positions to queries and keys but not to values, which `layers.MultiHeadAttention`
-  (one `inputs_kv` for both) cannot express. Same parameter layout (query/key/value/out, logical axes) as
-  `layers.MultiHeadAttention`; xavier-uniform projections as in Mask2Former.
-  """
-
-  num_heads: int
-  dropout_rate: float = 0.0
-
-  @nn.compact
-  def __call__(self, query: Array, key: Array, value: Array, *, bias: Array | None = None,
-               key_padding_mask: Array | None = None, deterministic: bool = True) -> Array:
-    width = query.shape[-1]
-    head_dim = width // self.num_heads
-    init = nn.initializers.xavier_uniform()
-
-    def project(x, name):
-      y = layers.Dense(width, ("embed", "heads"), kernel_init=init, name=name)(x)
-      return y.reshape(*y.shape[:-1], self.num_heads, head_dim)
-
-    q, k, v = project(query, "query"), project(key, "key"), project(value, "value")
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) / math.sqrt(head_dim)
-    if bias is not None:
-      logits = logits + bias
-    if key_padding_mask is not None:
-      logits = jnp.where(key_padding_mask.astype(bool)[:, None, None, :], logits, _MASKED_LOGIT)
-    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    probs = nn.Dropout(self.dropout_rate)(probs, deterministic=deterministic)
-    out = jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(*query.shape[:-1], width)
-    return layers.Dense(width, ("heads", "embed"), kernel_init=init, name="out")(out)
-
-
 class _MlpHead(nn.Module):
   """ReLU MLP `hidden_dim -> ... -> out_features` for the prediction heads (ReLA's MLP)."""
 
@@ -212,13 +179,16 @@ class MaskDecoderBlock(nn.Module):
                pixel_bias: Array | None, prompt_tokens: Array, prompt_mask: Array, *,
                deterministic: bool = True) -> Array:
     cfg = self.config
+    # Xavier-uniform projections as in Mask2Former; positions go into queries and keys, not values (DETR).
+    attention = functools.partial(layers.MultiHeadAttention, cfg.num_heads, dropout_rate=cfg.dropout_rate,
+                                  kernel_init=nn.initializers.xavier_uniform())
 
     def residual(x, update, name):
       update = nn.Dropout(cfg.dropout_rate)(update, deterministic=deterministic)
       return layers.LayerNorm(cfg.layer_norm_eps, name=name)(x + update)
 
-    update = _Attention(cfg.num_heads, cfg.dropout_rate, name="pixel_cross_attention")(
-        queries + query_pos, pixels + pixel_pos, pixels, bias=pixel_bias, deterministic=deterministic)
+    update = attention(name="pixel_cross_attention")(
+        queries + query_pos, pixels + pixel_pos, inputs_v=pixels, bias=pixel_bias, deterministic=deterministic)
     queries = residual(queries, update, "pixel_cross_attention_norm")
 
     if self.attend_to_prompt and self.gated_prompt:
@@ -226,18 +196,17 @@ class MaskDecoderBlock(nn.Module):
       # listen; sigmoid(gate) starts at 0.5. The projection has no bias so a zero kernel means zero tokens.
       projected = layers.Dense(cfg.hidden_dim, ("embed", "mlp"), use_bias=False,
                                kernel_init=nn.initializers.zeros_init(), name="prompt_projection")(prompt_tokens)
-      update = _Attention(cfg.num_heads, cfg.dropout_rate, name="prompt_cross_attention")(
-          queries + query_pos, projected, projected, key_padding_mask=prompt_mask, deterministic=deterministic)
+      update = attention(name="prompt_cross_attention")(
+          queries + query_pos, projected, key_padding_mask=prompt_mask, deterministic=deterministic)
       gate = self.param("prompt_gate", nn.with_logical_partitioning(nn.initializers.zeros_init(), ()), ())
       queries = queries + cfg.prompt_gate_scale * jax.nn.sigmoid(gate) * update
     elif self.attend_to_prompt:
-      update = _Attention(cfg.num_heads, cfg.dropout_rate, name="prompt_cross_attention")(
-          queries + query_pos, prompt_tokens, prompt_tokens, key_padding_mask=prompt_mask,
-          deterministic=deterministic)
+      update = attention(name="prompt_cross_attention")(
+          queries + query_pos, prompt_tokens, key_padding_mask=prompt_mask, deterministic=deterministic)
       queries = residual(queries, update, "prompt_cross_attention_norm")
 
-    update = _Attention(cfg.num_heads, cfg.dropout_rate, name="self_attention")(
-        queries + query_pos, queries + query_pos, queries, deterministic=deterministic)
+    update = attention(name="self_attention")(
+        queries + query_pos, queries + query_pos, inputs_v=queries, deterministic=deterministic)
     queries = residual(queries, update, "self_attention_norm")
 
     update = layers.Mlp(cfg.ffn_dim, activation=nn.relu, dropout_rate=cfg.dropout_rate, name="ffn")(

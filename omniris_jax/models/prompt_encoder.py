@@ -39,9 +39,8 @@ Choices where the paper is silent, taken from the release unless noted:
     initialised at the centres of a rows x cols grid (4 x 5 for n = 20, the release's fixed grid), shared by all
     levels.
   * Layers are post-norm (cross-attn, self-attn, FFN each followed by residual + LayerNorm), FFN 2048 wide with
-    ReLU and dropout 0 (the release); self-attention takes query + query_pos as queries, keys and values (the
-    release leaves the positions out of the values; `layers.MultiHeadAttention` projects keys and values from
-    one input). A final LayerNorm, then Dense(D -> prompt_dim) + LayerNorm(prompt_dim) projects the tokens to
+    ReLU and dropout 0 (the release); self-attention takes query + query_pos as queries and keys and the plain
+    queries as values (as the release does). A final LayerNorm, then Dense(D -> prompt_dim) + LayerNorm(prompt_dim) projects the tokens to
     the text width (the release's `lang_in_linear` / `lang_in_norm`).
 
 Input contract (what the decoder helper passes):
@@ -210,7 +209,7 @@ class PromptGeneratorLayer(nn.Module):
     queries = layers.LayerNorm(name="norm1")(queries + dropout(attended, deterministic=deterministic))
     with_pos = queries + query_pos
     attended = layers.MultiHeadAttention(cfg.num_heads, dropout_rate=cfg.dropout_rate, name="self_attn")(
-        with_pos, with_pos, deterministic=deterministic)
+        with_pos, with_pos, inputs_v=queries, deterministic=deterministic)
     queries = layers.LayerNorm(name="norm2")(queries + dropout(attended, deterministic=deterministic))
     hidden = layers.Mlp(cfg.ffn_dim, activation=nn.relu, dropout_rate=cfg.dropout_rate, name="ffn")(
         queries, deterministic=deterministic)

@@ -47,6 +47,7 @@ from typing import Any
 
 import grain
 
+from omniris_jax.data import prepare
 from omniris_jax.data import transforms
 
 # The paper's best batch sample ratio of text-guided to visual-guided examples in joint training (Table 5).
@@ -284,12 +285,7 @@ def from_tfds(name: str, split: str, data_dir: str | None = None) -> Any:
     importlib.import_module(f"tfds_omniref.{builder_name}")
   except ImportError:
     pass  # Not one of ours (or not installed): TFDS may still know it.
-  config_name = name.split("/")[1] if "/" in name else "<config>"
-  how_to_build = (f"build it first (array_record, which random access needs), e.g. `python -m "
-                  f"tfds_omniref.build --config={config_name} --data_dir={data_dir or '~/tensorflow_datasets'}`")
-  if builder_name == "omniref":
-    how_to_build += (f", or in Python `tfds_omniref.omniref.data_source({config_name!r}, {split!r}, "
-                     f"data_dir=...)`, which builds on first use")
+  how_to_build = f"build it first with `{prepare.build_command(name, data_dir)}`"
   try:
     return tfds.data_source(name, split=split, data_dir=data_dir, download=False)
   except tfds.core.registered.DatasetNotFoundError as error:

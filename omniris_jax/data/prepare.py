@@ -20,6 +20,14 @@ _TARGET_KIND = {"one_vs_one": "single", "many_vs_one": "single", "one_vs_many": 
                 "no_target": "no_target"}
 
 
+def build_command(name: str, data_dir: str | None = None) -> str:
+  """The shell command that builds dataset `name` ('builder/config') into `data_dir`."""
+  command = f"python -m tfds_omniref.build --config {name} --data_dir {data_dir or '~/tensorflow_datasets'}"
+  if name not in SYNTHETIC_CONFIGS:
+    command += " --manual_dir DIR_WITH_THE_DOWNLOADED_FILES"
+  return command
+
+
 def _builder(name: str, data_dir: str | None):
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top  (heavy; only when touching TFDS)
   import tfds_omniref  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import  (registers our builders)
@@ -42,9 +50,8 @@ def ensure_built(name: str, data_dir: str | None = None) -> Any:
   if name not in SYNTHETIC_CONFIGS:
     raise FileNotFoundError(
         f"Dataset {name!r} is not built in {builder.data_dir_root!s}. Real datasets are built once, from the "
-        f"files you download, with `python -m tfds_omniref.build --config={name.split('/')[-1]} "
-        f"--data_dir={builder.data_dir_root!s}` (see README, "
-        "'Real datasets'), or train on the embedded synthetic data with --config=configs/joint.py:demo.")
+        f"files you download (README, 'Datasets'), with `{build_command(name, str(builder.data_dir_root))}`; or "
+        "train on the embedded synthetic data with --config=configs/joint.py:demo.")
   print(f"Building {name} into {builder.data_dir_root} (synthetic, no download) ...", flush=True)
   start = time.perf_counter()
   # TFDS writes into a temporary folder and renames it only when complete; never look for a prebuilt copy online.

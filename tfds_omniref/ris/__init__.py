@@ -5,7 +5,6 @@ registers the builder).
                            and COCO `instances.json`, checked record by record; target masks via pycocotools
   ris_dataset_builder.py   the TFDS `Builder` (configs grefcoco, refcoco, refcoco_plus, refcocog), `build(...)`
                            and `data_source(...)`
-  __main__.py              `python -m tfds_omniref.ris --config NAME --manual_dir DIR --data_dir DIR`
 """
 
 from tfds_omniref.ris.ris_dataset_builder import build

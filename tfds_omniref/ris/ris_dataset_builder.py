@@ -23,7 +23,7 @@ benchmarks, the synthetic set and OmniRef alike:
 
 Build (no TensorFlow), after putting the files where MANUAL_DOWNLOAD_INSTRUCTIONS says:
 
-  python -m tfds_omniref.ris --config grefcoco --manual_dir ~/ris_data --data_dir ~/tensorflow_datasets
+  python -m tfds_omniref.build --config ris/grefcoco --manual_dir ~/ris_data --data_dir ~/tensorflow_datasets
 
 or `tfds_omniref.ris.data_source('grefcoco', 'val', data_dir=..., manual_dir=...)`, which builds on first use.
 """

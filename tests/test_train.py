@@ -1,0 +1,96 @@
+"""The real trainer, end to end, through the main command on the tiny config (tests/tiny_config.py).
+
+Runs as a subprocess (`python -m omniris_jax.main --config=tests/tiny_config.py:alignment`) with JAX's
+persistent compilation cache, so the checkpointing tests' runs of the same shapes skip the compile.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from omniris_jax import summaries
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(REPO, "tests"))
+import tiny_config  # noqa: E402  pylint: disable=g-import-not-at-top
+
+
+def run_main(workdir, *overrides, stage="alignment", check=True, **popen_kwargs):
+  """The main command on the tiny config; returns the CompletedProcess (or the Popen with `popen=True`)."""
+  env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=tiny_config.TINY_CACHE_DIR,
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
+             XLA_FLAGS="--xla_force_host_platform_device_count=1", PYTHONUNBUFFERED="1")
+  command = [sys.executable, "-m", "omniris_jax.main", f"--config=tests/tiny_config.py:{stage}",
+             f"--workdir={workdir}", *overrides]
+  if popen_kwargs.pop("popen", False):
+    return subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, **popen_kwargs)
+  result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+  if check and result.returncode:
+    raise AssertionError(f"main failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}")
+  return result
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("train")
+  result = run_main(workdir)
+  return workdir, result.stdout + result.stderr
+
+
+def test_progress_lines_and_the_table_with_the_baseline_are_printed(trained):
+  _, out = trained
+  assert "=== Stage 'alignment': 6 steps, batch 4" in out
+  assert "[alignment] step 6/6  loss" in out and "steps/s  ETA" in out
+  assert "| Method | Text-test cIoU | Text-test gIoU | Text-test N_acc |" in out
+  assert "| OmniSegNet (alignment, step 6) |" in out
+  assert "| Baseline: every object, never no-target |" in out
+  assert "| train | 18 |" in out  # the dataset statistics at the start of the run
+
+
+def test_results_files_are_written(trained):
+  workdir, _ = trained
+  stage_dir = os.path.join(workdir, "alignment")
+  results = json.load(open(os.path.join(stage_dir, "results.json")))
+  assert results["step"] == 6 and set(results["model"]) == {"text_test", "visual_test", "omni_test"}
+  assert results["model"]["omni_test"]["overall"]["num_samples"] == 9  # every example once, padding dropped
+  # The baseline never says no-target: N_acc 0 where no-target samples exist, and it is a real mask.
+  baseline = results["baseline"]["text_test"]["overall"]
+  assert baseline["N_acc"] == 0 and baseline["cIoU"] > 5
+  assert "| Baseline: every object, never no-target |" in open(os.path.join(stage_dir, "results.md")).read()
+  for picture in ("evals/step_6.png", "learning_curves.png", "../preview.png"):
+    assert os.path.getsize(os.path.join(stage_dir, picture)) > 5_000, picture
+
+
+def test_scalars_are_in_tensorboard_event_files_and_the_csv(trained):
+  workdir, _ = trained
+  [events] = glob.glob(os.path.join(workdir, "alignment", "tensorboard", "events.out.tfevents.*"))
+  scalars = {}
+  for step, values in summaries.read_events(events):
+    scalars.setdefault(step, {}).update(values)
+  assert sorted(step for step, values in scalars.items() if "train/loss" in values) == [1, 2, 4, 6]
+  assert "eval/text_test/cIoU" in scalars[6]
+  series = summaries.read_csv(os.path.join(workdir, "alignment", "tensorboard", "metrics.csv"))
+  assert [step for step, _ in series["train/loss"]] == [1, 2, 4, 6]
+  assert series["train/loss"][-1][1] == pytest.approx(scalars[6]["train/loss"], rel=1e-6)
+
+
+def test_checkpoints_follow_the_schedule(trained):
+  workdir, _ = trained
+  steps = sorted(int(name) for name in os.listdir(os.path.join(workdir, "alignment", "checkpoints"))
+                 if name.isdigit())
+  assert steps == [2, 4, 6]
+
+
+def test_real_dataset_that_is_missing_fails_fast_naming_it(tmp_path):
+  result = run_main(tmp_path / "work", f"--config.dataset.data_dir={tmp_path / 'empty'}",
+                    "--config.dataset.name=omniref/released", check=False)
+  assert result.returncode != 0
+  assert "Dataset 'omniref/released' is not built" in result.stderr
+  assert "python -m tfds_omniref.build" in result.stderr and "Traceback" not in result.stdout

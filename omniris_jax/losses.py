@@ -14,7 +14,12 @@ The terms (DESIGN.md §6; ReLA's/the release's `ReferringCriterion`, paper eq. 1
              'ce' (ReLA: class weights [0.9, 1.1]), 'balanced' (the two classes of the batch weigh equally
              whatever their frequency), or 'focal' (focal loss with `focal_gamma`, class weights as alpha).
 
-  total = loss_scale * (mask_weight * mask + region_weight * region + nt_weight * no_target)
+  dice       (optional, `dice_weight`, 0 in ReLA) 1 - (2 sum(p g) + 1) / (sum p + sum g + 1) per example on the
+             full-resolution foreground probability p, averaged over the counted examples. The class-weighted CE
+             alone lets an unsure model paint nothing (a referent covers ~5% of a shapes image, so p_fg < 0.5
+             everywhere is its cheapest guess, and IoU is then 0); dice scores the overlap itself.
+
+  total = loss_scale * (mask_weight * mask + region_weight * region + nt_weight * no_target + dice_weight * dice)
           + per_prompt_weight * (the same weighted sum on each prompt's own outputs, omni examples only)
 
 Per-prompt terms: an omni example (has_text and has_visual) also carries each prompt's own ground truth
@@ -65,6 +70,7 @@ def default_loss_config() -> ml_collections.ConfigDict:
   # Weight of the per-prompt terms of omni examples, relative to the combined terms (each uses the same scale and
   # lambdas); 0 skips them (and their cost).
   c.per_prompt_weight = 1.0
+  c.dice_weight = 0.0  # Weight of the optional dice term on the full-resolution mask (0 = ReLA: CE only).
   return c
 
 
@@ -120,6 +126,21 @@ def mask_loss(mask_logits: Array, gt_mask: Array, class_weights: Any, valid: Arr
       area = jax.image.resize(gt_mask.astype(jnp.float32), (batch, h, w), method="linear", antialias=True)
       labels = (area >= 0.5).astype(jnp.int32)
   return weighted_cross_entropy(logits, labels, class_weights, _per_example_valid(valid, 3))
+
+
+def dice_loss(mask_logits: Array, gt_mask: Array, valid: Array) -> Array:
+  """Mean over the `valid` examples of 1 - (2 sum(p g) + 1) / (sum p + sum g + 1), p = softmax foreground
+  probability of the logits upsampled (bilinear) to the (B, H, W) ground truth's size."""
+  batch, height, width = gt_mask.shape
+  logits = mask_logits.astype(jnp.float32)
+  if logits.shape[1:3] != (height, width):
+    logits = jax.image.resize(logits, (batch, height, width, 2), method="bilinear", antialias=False)
+  probability = jax.nn.softmax(logits, axis=-1)[..., 1]
+  target = gt_mask.astype(jnp.float32)
+  numerator = 2.0 * (probability * target).sum(axis=(1, 2)) + 1.0
+  denominator = probability.sum(axis=(1, 2)) + target.sum(axis=(1, 2)) + 1.0
+  valid = valid.astype(jnp.float32)
+  return ((1.0 - numerator / denominator) * valid).sum() / jnp.maximum(valid.sum(), 1.0)
 
 
 def region_targets(gt_mask: Array, grid: tuple[int, int], mode: str = "center") -> Array:
@@ -193,12 +214,18 @@ def _terms(outputs: Mapping[str, Array], prefix: str, gt_mask: Array, no_target:
       "region": region_loss(outputs[f"{prefix}region_logits"], gt_mask, config.class_weights, valid,
                             config.region_target),
       "no_target": no_target_loss(outputs[f"{prefix}nt_logits"], no_target, valid, config),
+      "dice": (dice_loss(outputs[f"{prefix}mask_logits"], gt_mask, valid) if _dice_weight(config)
+               else jnp.zeros((), jnp.float32)),
   }
 
 
 def _weighted_sum(terms: Mapping[str, Array], config: Any) -> Array:
   return config.loss_scale * (config.mask_weight * terms["mask"] + config.region_weight * terms["region"]
-                              + config.nt_weight * terms["no_target"])
+                              + config.nt_weight * terms["no_target"] + _dice_weight(config) * terms["dice"])
+
+
+def _dice_weight(config: Any) -> float:
+  return getattr(config, "dice_weight", 0.0)  # Configs written before the dice term have none.
 
 
 def compute_losses(outputs: Mapping[str, Array], batch: Mapping[str, Any], config: Any) -> tuple[Array, dict]:
@@ -213,9 +240,9 @@ def compute_losses(outputs: Mapping[str, Array], batch: Mapping[str, Any], confi
 
   Returns:
     (total loss scalar, metrics): metrics holds float32 scalars "loss", "mask_loss", "region_loss",
-    "nt_loss", "nt_accuracy" (batch accuracy of the combined no-target call), and per prompt
-    "{text,visual}_{mask,region,nt}_loss" and "{text,visual}_loss" plus "num_omni" when the per-prompt terms
-    are on.
+    "nt_loss", "dice_loss" (0 when dice_weight is 0), "nt_accuracy" (batch accuracy of the combined no-target
+    call), and per prompt "{text,visual}_{mask,region,nt,dice}_loss" and "{text,visual}_loss" plus "num_omni"
+    when the per-prompt terms are on.
   """
   _check_config(config)
   for key in ("mask", "no_target"):
@@ -237,7 +264,8 @@ def compute_losses(outputs: Mapping[str, Array], batch: Mapping[str, Any], confi
 
   terms = _terms(outputs, "", gt_mask, no_target, valid, config)
   total = _weighted_sum(terms, config)
-  metrics = {"mask_loss": terms["mask"], "region_loss": terms["region"], "nt_loss": terms["no_target"]}
+  metrics = {"mask_loss": terms["mask"], "region_loss": terms["region"], "nt_loss": terms["no_target"],
+             "dice_loss": terms["dice"]}
   predicted_nt = jnp.argmax(outputs["nt_logits"], axis=-1).astype(bool)
   metrics["nt_accuracy"] = ((predicted_nt == no_target) * valid).sum() / jnp.maximum(valid.sum(), 1)
 
@@ -260,6 +288,7 @@ def compute_losses(outputs: Mapping[str, Array], batch: Mapping[str, Any], confi
       prompt_total = _weighted_sum(prompt_terms, config)
       total = total + config.per_prompt_weight * prompt_total
       metrics.update({f"{name}_mask_loss": prompt_terms["mask"], f"{name}_region_loss": prompt_terms["region"],
-                      f"{name}_nt_loss": prompt_terms["no_target"], f"{name}_loss": prompt_total})
+                      f"{name}_nt_loss": prompt_terms["no_target"], f"{name}_dice_loss": prompt_terms["dice"],
+                      f"{name}_loss": prompt_total})
   metrics["loss"] = total
   return total, {key: jnp.asarray(value, jnp.float32) for key, value in metrics.items()}

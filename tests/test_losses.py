@@ -111,6 +111,19 @@ def test_mask_and_region_terms_equal_relas_torch_criterion():
                              expected_region, rtol=1e-4)
 
 
+def test_dice_loss_by_hand():
+  # Uniform logits -> p = 0.5 at every one of 64 pixels; 16 are foreground.
+  gt = np.zeros((2, 8, 8), np.uint8)
+  gt[:, :, :2] = 1
+  logits = jnp.zeros((2, 2, 2, 2)).at[1].set(jnp.array([0.0, 50.0]))  # example 1: everything foreground
+  expected_0 = 1.0 - (2 * 0.5 * 16 + 1) / (0.5 * 64 + 16 + 1)
+  expected_1 = 1.0 - (2 * 16 + 1) / (64 + 16 + 1)
+  np.testing.assert_allclose(losses.dice_loss(logits, jnp.asarray(gt), jnp.array([True, False])), expected_0,
+                             rtol=1e-6)
+  np.testing.assert_allclose(losses.dice_loss(logits, jnp.asarray(gt), jnp.array([True, True])),
+                             (expected_0 + expected_1) / 2, rtol=1e-6)
+
+
 def test_mask_resolution_logits_downsamples_the_ground_truth_instead():
   gt = np.zeros((1, 8, 8), np.uint8)
   gt[0, :4, :4] = 1  # exactly the top-left stride-4 cell
@@ -193,12 +206,13 @@ def test_no_target_focal_by_hand(nt_case):
 
 def test_total_is_the_configured_weighted_sum():
   outputs, batch = _outputs_and_batch()
-  config = _config(loss_scale=2.0, mask_weight=1.0, region_weight=0.3, nt_weight=0.7, per_prompt_weight=0.5)
+  config = _config(loss_scale=2.0, mask_weight=1.0, region_weight=0.3, nt_weight=0.7, per_prompt_weight=0.5,
+                   dice_weight=0.4)
   total, metrics = losses.compute_losses(outputs, batch, config)
 
   def weighted(prefix):
     return 2.0 * (metrics[f"{prefix}mask_loss"] + 0.3 * metrics[f"{prefix}region_loss"]
-                  + 0.7 * metrics[f"{prefix}nt_loss"])
+                  + 0.7 * metrics[f"{prefix}nt_loss"] + 0.4 * metrics[f"{prefix}dice_loss"])
 
   expected = weighted("") + 0.5 * (weighted("text_") + weighted("visual_"))
   np.testing.assert_allclose(total, expected, rtol=1e-6)

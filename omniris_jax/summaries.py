@@ -110,7 +110,10 @@ class SummaryWriter:
     self._events.write(_record(_event(now, 0, file_version="brain.Event:2")))
     self.csv_path = os.path.join(logdir, "metrics.csv")
     new = not os.path.exists(self.csv_path)
+    cut_short = not new and _ends_without_newline(self.csv_path)
     self._csv_file = open(self.csv_path, "a", newline="")
+    if cut_short:  # a killed run's last line: end it, so our rows start on lines of their own
+      self._csv_file.write("\n")
     self._csv = csv.writer(self._csv_file)
     if new:
       self._csv.writerow(("step", "tag", "value"))
@@ -123,6 +126,7 @@ class SummaryWriter:
     self._events.write(_record(_event(time.time(), int(step), scalars=values)))
     for tag, value in values.items():
       self._csv.writerow((int(step), tag, repr(value)))
+    self.flush()  # whole lines on disk at every log step, so a killed run leaves a readable file
 
   def flush(self) -> None:
     if self.enabled:
@@ -133,6 +137,15 @@ class SummaryWriter:
     if self.enabled:
       self._events.close()
       self._csv_file.close()
+
+
+def _ends_without_newline(path: str) -> bool:
+  with open(path, "rb") as file:
+    file.seek(0, os.SEEK_END)
+    if file.tell() == 0:
+      return False
+    file.seek(-1, os.SEEK_END)
+    return file.read(1) != b"\n"
 
 
 def read_events(path: str) -> Iterator[tuple[int, dict[str, float]]]:
@@ -206,8 +219,12 @@ def read_csv(path: str) -> dict[str, list[tuple[int, float]]]:
   """tag -> [(step, value), ...] from a metrics.csv (later rows for the same step win: a resumed run's)."""
   series: dict[str, dict[int, float]] = {}
   with open(path, newline="") as file:
-    for row in csv.DictReader(file):
-      series.setdefault(row["tag"], {})[int(row["step"])] = float(row["value"])
+    for row in csv.reader(file):
+      try:
+        step, tag, value = row
+        series.setdefault(tag, {})[int(step)] = float(value)
+      except ValueError:
+        continue  # the header, or a line cut short by a killed run (the resumed run rewrote those steps)
   return {tag: sorted(points.items()) for tag, points in series.items()}
 
 
@@ -222,6 +239,8 @@ def plot_learning_curves(csv_paths: Mapping[str, str], path: str, tags: tuple[st
     return
   all_tags = sorted({tag for series in runs.values() for tag in series})
   tags = [tag for tag in (tags or all_tags) if tag in all_tags]
+  if not tags:
+    return
   columns = min(3, len(tags))
   rows = -(-len(tags) // columns)
   figure, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 3.0 * rows), squeeze=False)

@@ -391,21 +391,21 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
                                        max_to_keep=config.keep_checkpoints,
                                        save_interval_steps=config.checkpoint_every,
                                        async_save=config.async_checkpointing)
-  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    state = checkpointing.restore_latest(manager, abstract_state, train_iter, log=log)
-    if state is None:
-      params = jax.jit(lambda rng: nn.unbox(init_params(rng)), out_shardings=state_shardings.params)(init_rng)
-      if config.init_from:
-        init_dir = config.init_from if os.path.isabs(config.init_from) else os.path.join(
-            workdir, config.init_from, "checkpoints")
-        params = checkpointing.load_params_from(init_dir, abstract_state.params, params, log=log)
-      elif text_encoder_checkpoint(config):
-        path = text_encoder_checkpoint(config)
-        params = jax.device_put(omnisegnet.load_pretrained_text_encoder(params, path), state_shardings.params)
-        log(f"Text encoder initialised from {path}.")
-      opt_state = jax.jit(tx.init, out_shardings=state_shardings.opt_state)(params)
-      state = steps.TrainState(step=jax.device_put(jnp.zeros((), jnp.int32), state_shardings.step),
-                               params=params, opt_state=opt_state)
+  # Outside the mesh context: every sharding is explicit here (and the HF importer unboxes abstract values).
+  state = checkpointing.restore_latest(manager, abstract_state, train_iter, log=log)
+  if state is None:
+    params = jax.jit(lambda rng: nn.unbox(init_params(rng)), out_shardings=state_shardings.params)(init_rng)
+    if config.init_from:
+      init_dir = config.init_from if os.path.isabs(config.init_from) else os.path.join(
+          workdir, config.init_from, "checkpoints")
+      params = checkpointing.load_params_from(init_dir, abstract_state.params, params, log=log)
+    elif text_encoder_checkpoint(config):
+      path = text_encoder_checkpoint(config)
+      params = jax.device_put(omnisegnet.load_pretrained_text_encoder(params, path), state_shardings.params)
+      log(f"Text encoder initialised from {path}.")
+    opt_state = jax.jit(tx.init, out_shardings=state_shardings.opt_state)(params)
+    state = steps.TrainState(step=jax.device_put(jnp.zeros((), jnp.int32), state_shardings.step),
+                             params=params, opt_state=opt_state)
   start_step = int(jax.device_get(state.step))
   last_checkpoint = (os.path.join(manager.directory, str(manager.latest_step()))
                      if manager.latest_step() is not None else "none (the stage's initial state)")

@@ -230,7 +230,7 @@ class Evaluator:
     return samples
 
   def baseline(self) -> dict[str, Any] | None:
-    """The 'every object, never no-target' results per split (cached in WORKDIR/baseline.json)."""
+    """The 'every object, never no-target' results per split (cached in WORKDIR/baseline_<dataset>_<S>.json)."""
     if self._baseline is not None:
       return self._baseline or None
     path = os.path.join(self.workdir, f"baseline_{self.config.dataset.test_name.replace('/', '_')}_"
@@ -241,28 +241,29 @@ class Evaluator:
       return self._baseline or None
     results = {}
     for split in self.config.dataset.test_splits:
-      samples = []
-      for batch in self._batches(split):
-        indices = [int(i) for i in batch["index"] if i >= 0]
-        masks = every_object_masks(self.config.dataset.test_name, split, self.config.dataset.data_dir, indices,
-                                   self.config.input.resolution)
-        if masks is None:
-          results = {}
-          break
-        for row, index in enumerate(batch["index"]):
-          if index >= 0:
-            samples.append({"pred_mask": masks[int(index)], "pred_nt": False, "gt_mask": batch["mask"][row],
-                            "gt_nt": bool(batch["no_target"][row]), "modality": batch["modality"][row],
-                            "setting": batch["setting"][row], "prompt_type": batch["prompt_type"][row]})
-      else:
-        results[split] = metrics.evaluate_predictions(samples)
-        continue
-      break
+      samples = self._baseline_samples(split)
+      if samples is None:  # the dataset cannot say where every object is: no baseline
+        results = {}
+        break
+      results[split] = metrics.evaluate_predictions(samples)
     if jax.process_index() == 0:
       with open(path, "w") as file:
         json.dump(results, file, indent=1)
     self._baseline = results
     return results or None
+
+  def _baseline_samples(self, split: str) -> list[dict[str, Any]] | None:
+    samples = []
+    for batch in self._batches(split):
+      rows = [row for row, index in enumerate(batch["index"]) if index >= 0]
+      masks = every_object_masks(self.config.dataset.test_name, split, self.config.dataset.data_dir,
+                                 [int(batch["index"][row]) for row in rows], self.config.input.resolution)
+      if masks is None:
+        return None
+      samples += [{"pred_mask": masks[int(batch["index"][row])], "pred_nt": False, "gt_mask": batch["mask"][row],
+                   "gt_nt": bool(batch["no_target"][row]), "modality": batch["modality"][row],
+                   "setting": batch["setting"][row], "prompt_type": batch["prompt_type"][row]} for row in rows]
+    return samples
 
   def run(self, params: Any, step: int) -> dict[str, Any]:
     """Evaluates `params` on every test split; writes evals/step_<step>.json and .png; returns the results."""

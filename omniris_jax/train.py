@@ -75,7 +75,21 @@ def model_config(config: Any) -> omnisegnet.OmniSegNetConfig:
       changes[name] = value
     else:
       raise ValueError(f"config.model.overrides.{name}: OmniSegNetConfig has no field {name!r}.")
-  return dataclasses.replace(base, **changes)
+  model_cfg = dataclasses.replace(base, **changes)
+  _check_vocabulary(model_cfg, text_encoder_vocab(config))
+  return model_cfg
+
+
+def _check_vocabulary(model_cfg: omnisegnet.OmniSegNetConfig, vocab_path: str | None) -> None:
+  """Token ids at or above the embedding table's size silently give NaN text features; refuse that config."""
+  from omniris_jax.data import tokenizer  # pylint: disable=g-import-not-at-top
+  path = vocab_path or tokenizer.Tokenizer().vocab_path
+  with open(path, encoding="utf-8") as f:
+    vocab_size = sum(1 for _ in f)
+  if vocab_size > model_cfg.bert.vocab_size:
+    raise ValueError(f"The tokenizer's vocabulary ({path}) has {vocab_size} tokens but the model's text encoder "
+                     f"embeds only {model_cfg.bert.vocab_size=}; set "
+                     f"--config.model.overrides.bert.vocab_size={vocab_size} or use the matching vocabulary.")
 
 
 def text_encoder_checkpoint(config: Any) -> str | None:

@@ -94,3 +94,12 @@ def test_real_dataset_that_is_missing_fails_fast_naming_it(tmp_path):
   assert result.returncode != 0
   assert "Dataset 'omniref/released' is not built" in result.stderr
   assert "python -m tfds_omniref.build" in result.stderr and "Traceback" not in result.stdout
+
+
+def test_a_text_encoder_smaller_than_the_tokenizer_vocabulary_is_refused():
+  # Ids past the embedding table give NaN text features without any error; the config must not get that far.
+  from omniris_jax import train  # pylint: disable=g-import-not-at-top
+  config = tiny_config.get_config("alignment")
+  config.model.overrides.bert = {"vocab_size": 99}
+  with pytest.raises(ValueError, match=r"has 30522 tokens but the model's text encoder embeds only"):
+    train.model_config(config)

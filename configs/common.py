@@ -20,7 +20,8 @@ import ml_collections
 VARIANTS = ("", "demo", "demo_long")
 STAGES = ("alignment", "visual", "joint")
 # Steps per stage (alignment, visual, joint) for each variant.
-# demo: about 15 minutes on a 2-core CPU with compiles; demo_long: about 2 hours (not yet measured end to end).
+# demo: about 9 minutes on a 2-core CPU with compiles (twice the steps gave the same numbers, RESULTS.md);
+# demo_long: about 2 hours (not yet measured end to end).
 _STEPS = {"": (40_000, 40_000, 40_000), "demo": (150, 150, 700), "demo_long": (2000, 2000, 10_000)}
 
 

@@ -41,15 +41,6 @@ def _build(data_dir, manual_dir) -> builder_lib.Builder:
   return builder
 
 
-def _named(example: dict) -> dict:
-  out = dict(example)
-  for key, names in (("modality", features_lib.MODALITY_NAMES), ("setting", features_lib.SETTING_NAMES),
-                     ("prompt_type", features_lib.PROMPT_TYPE_NAMES)):
-    out[key] = names[int(example[key])]
-  out["id"], out["text"] = example["id"].decode(), example["text"].decode()
-  return out
-
-
 class Truth:
   """The source files read directly: COCO masks via pycocotools, expressions -> referents from the ref files."""
 
@@ -104,7 +95,7 @@ def built(tmp_path_factory):
   rebuilt.repeat_manual_dir(FIXTURE, os.fspath(manual_dir), COPIES)
   data_dir = tmp_path_factory.mktemp("tfds")
   builder = _build(data_dir, manual_dir)
-  examples = {split: [_named(e) for e in builder.as_data_source(split=split)] for split in SPLITS}
+  examples = {split: [features_lib.readable(e) for e in builder.as_data_source(split=split)] for split in SPLITS}
   return manual_dir, data_dir, builder, examples, Truth(os.fspath(manual_dir))
 
 

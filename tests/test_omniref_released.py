@@ -37,17 +37,8 @@ def _build(data_dir, manual_dir=DUMMY_DATA) -> builder_lib.Builder:
   return builder
 
 
-def _named(example: dict) -> dict:
-  out = dict(example)
-  for key, names in (("modality", features_lib.MODALITY_NAMES), ("setting", features_lib.SETTING_NAMES),
-                     ("prompt_type", features_lib.PROMPT_TYPE_NAMES)):
-    out[key] = names[int(example[key])]
-  out["id"], out["text"] = example["id"].decode(), example["text"].decode()
-  return out
-
-
 def _examples(builder) -> dict[str, list[dict]]:
-  return {split: [_named(e) for e in builder.as_data_source(split=split)] for split in SPLITS}
+  return {split: [features_lib.readable(e) for e in builder.as_data_source(split=split)] for split in SPLITS}
 
 
 @pytest.fixture(scope="module")

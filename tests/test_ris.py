@@ -40,15 +40,6 @@ FILES = {"grefcoco": "grefcoco/grefs(unc).json", "refcoco": "refcoco/refs(unc).p
          "refcoco_plus": "refcoco+/refs(unc).p", "refcocog": "refcocog/refs(umd).p"}
 
 
-def _named(example: dict) -> dict:
-  out = dict(example)
-  for key, names in (("modality", features_lib.MODALITY_NAMES), ("setting", features_lib.SETTING_NAMES),
-                     ("prompt_type", features_lib.PROMPT_TYPE_NAMES)):
-    out[key] = names[int(example[key])]
-  out["id"], out["text"] = example["id"].decode(), example["text"].decode()
-  return out
-
-
 def _raw_refs(config: str) -> list[dict]:
   """The refs file read the way refer / ReLA read it (plain pickle / json), independently of refer_files."""
   path = os.path.join(DUMMY, FILES[config])
@@ -62,7 +53,7 @@ def built(tmp_path_factory):
   examples = {}
   for config in COUNTS:
     builder = builder_lib.build(config, data_dir=str(data_dir), manual_dir=DUMMY)
-    examples[config] = {split: [_named(e) for e in builder.as_data_source(split=split)] for split in COUNTS[config]}
+    examples[config] = {split: [features_lib.readable(e) for e in builder.as_data_source(split=split)] for split in COUNTS[config]}
   return str(data_dir), examples
 
 

@@ -30,6 +30,15 @@ IMAGE_KEYS = ("image", "ref_image")
 MASK_KEYS = ("text_mask", "ref_mask", "ref_box", "ref_scribble", "visual_mask", "mask")
 
 
+def readable(example: Mapping[str, Any]) -> dict[str, Any]:
+  """A decoded example with its class labels as names and `id`/`text` as str (for assertions, printing)."""
+  out = dict(example)
+  for key, names in (("modality", MODALITY_NAMES), ("setting", SETTING_NAMES), ("prompt_type", PROMPT_TYPE_NAMES)):
+    out[key] = names[int(example[key])]
+  out["id"], out["text"] = example["id"].decode(), example["text"].decode()
+  return out
+
+
 def omniris_features() -> tfds.features.FeaturesDict:
   """The features of one OmniRIS example; every builder config of this package uses exactly these."""
   rgb = lambda doc: tfds.features.Image(shape=(None, None, 3), encoding_format="png", doc=doc)  # noqa: E731

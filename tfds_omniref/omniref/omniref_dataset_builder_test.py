@@ -31,21 +31,11 @@ def _build(data_dir) -> builder_lib.Builder:
   return builder
 
 
-def _named(example: dict) -> dict:
-  """A decoded example with class labels as names and strings as str, for readable assertions."""
-  out = dict(example)
-  for key, names in (("modality", features_lib.MODALITY_NAMES), ("setting", features_lib.SETTING_NAMES),
-                     ("prompt_type", features_lib.PROMPT_TYPE_NAMES)):
-    out[key] = names[int(example[key])]
-  out["id"], out["text"] = example["id"].decode(), example["text"].decode()
-  return out
-
-
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
   data_dir = tmp_path_factory.mktemp("tfds")
   builder = _build(data_dir)
-  examples = {split: [_named(e) for e in builder.as_data_source(split=split)] for split in SPLITS}
+  examples = {split: [features_lib.readable(e) for e in builder.as_data_source(split=split)] for split in SPLITS}
   return data_dir, builder, examples
 
 

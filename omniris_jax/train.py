@@ -115,16 +115,19 @@ class _Subset:
 
 
 def open_training_source(source_config: Any) -> Any:
-  """A dataset split as a random-access source, restricted to `source_config.modalities` when given."""
-  prepare.ensure_built(source_config.name, source_config.data_dir)
-  source = pipeline.from_tfds(source_config.name, source_config.split, source_config.data_dir)
+  """A dataset split as a random-access source, restricted to `source_config.modalities` when given; with
+  `source_config.generated`, a procedural dataset's train examples made on demand instead of the stored split."""
+  builder = prepare.ensure_built(source_config.name, source_config.data_dir)
   modalities = source_config.get("modalities")
-  if not modalities:
-    return source
-  unknown = [m for m in modalities if m not in MODALITY_CODES]
+  unknown = [m for m in (modalities or ()) if m not in MODALITY_CODES]
   if unknown:
     raise ValueError(f"modalities={tuple(modalities)} of {source_config.name}:{source_config.split}: {unknown} "
                      f"are not among {metrics.MODALITY_NAMES}.")
+  if source_config.get("generated"):
+    return _generated_source(builder, source_config, modalities)
+  source = pipeline.from_tfds(source_config.name, source_config.split, source_config.data_dir)
+  if not modalities:
+    return source
   wanted = {MODALITY_CODES[m] for m in modalities}
   light = prepare.open_split(source_config.name, source_config.split, source_config.data_dir, decode_images=False)
   indices = [i for i in range(len(light)) if int(light[i]["modality"]) in wanted]
@@ -132,6 +135,18 @@ def open_training_source(source_config: Any) -> Any:
     raise ValueError(f"{source_config.name}:{source_config.split} has no examples of modalities "
                      f"{tuple(modalities)}.")
   return _Subset(source, indices)
+
+
+def _generated_source(builder: Any, source_config: Any, modalities: Sequence[str] | None) -> Any:
+  """The train examples of a procedural (shapes) dataset config, generated on demand (shapes.GeneratedTrainSource)."""
+  generator_config = getattr(builder.builder_config, "shapes", None)
+  if generator_config is None or source_config.split != "train":
+    raise ValueError(f"generated=True needs the train split of a procedural dataset (omniref/shapes, "
+                     f"omniref/shapes_tiny); {source_config.name}:{source_config.split} is stored data: set "
+                     "generated=False to read it as it is.")
+  from tfds_omniref.omniref import shapes  # pylint: disable=g-import-not-at-top  (only for synthetic data)
+  return shapes.GeneratedTrainSource(generator_config, modalities, config_name=builder.builder_config.name,
+                                     category_maps=bool(source_config.get("category_maps")))
 
 
 def make_train_iterator(config: Any, local_batch: int) -> Any:

@@ -139,6 +139,20 @@ def _nearest_reference(array: np.ndarray, size: int) -> np.ndarray:
   return array[rows][:, cols]
 
 
+def test_category_maps_ride_along_nearest_resized_when_records_have_them():
+  rng = np.random.default_rng(1)
+  record = make_record(3, modality=0)
+  height, width = record["image"].shape[:2]
+  record["category_map"] = rng.integers(0, 9, (height, width)).astype(np.uint8)
+  batch = take(make([record], batch_size=1), 1)[0]
+  assert batch["category_map"].dtype == np.uint8 and batch["category_map"].shape == (1, RESOLUTION, RESOLUTION)
+  np.testing.assert_array_equal(batch["category_map"][0], np.asarray(Image.fromarray(record["category_map"]).resize(
+      (RESOLUTION, RESOLUTION), Image.Resampling.NEAREST)))
+  assert "category_map" not in take(make([make_record(3, modality=0)], batch_size=1), 1)[0]
+  with pytest.raises(transforms.BadExampleError, match="category_map has size"):
+    _prepare(dict(record, category_map=np.zeros((5, 5), np.uint8)))
+
+
 def test_resize_is_non_uniform_nearest_for_masks_and_prompts():
   rng = np.random.default_rng(0)
   record = make_record(3, modality=2)

@@ -103,3 +103,18 @@ def test_a_text_encoder_smaller_than_the_tokenizer_vocabulary_is_refused():
   config.model.overrides.bert = {"vocab_size": 99}
   with pytest.raises(ValueError, match=r"has 30522 tokens but the model's text encoder embeds only"):
     train.model_config(config)
+
+
+def test_generated_training_source_is_the_procedural_train_split_and_refuses_stored_splits():
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  from omniris_jax import train  # pylint: disable=g-import-not-at-top
+
+  source_config = ml_collections.ConfigDict(dict(
+      name="omniref/shapes_tiny", split="train", data_dir=tiny_config.TINY_DATA_DIR, modalities=("text",),
+      generated=True, category_maps=True))
+  source = train.open_training_source(source_config)
+  assert len(source) > 1_000_000  # far beyond the 18 stored examples: every step sees new scenes
+  assert all(source[i]["modality"] == 0 for i in range(3)) and "category_map" in source[0]
+  source_config.split = "text_test"
+  with pytest.raises(ValueError, match="generated=True needs the train split of a procedural dataset"):
+    train.open_training_source(source_config)

@@ -47,6 +47,11 @@ _TARGET_MASK_FIELDS = ("mask", "text_mask", "visual_mask")
 _REF_PROMPT_FIELDS = {"mask": "ref_mask", "box": "ref_box", "scribble": "ref_scribble"}
 
 
+# Optional dense scene labels (0 background, 1 + category) that only generated training records carry; batches
+# of such records have `category_map` uint8 (B, S, S) beside the contract's fields.
+CATEGORY_MAP_KEY = "category_map"
+
+
 class BadExampleError(ValueError):
   """A record that cannot become a training/evaluation example; the message names the record and the problem."""
 
@@ -185,6 +190,14 @@ class DecodeAndValidate(grain.transforms.Map):
       example[field] = _decode_array(example, field, channels=1)
       _check_same_size(example, field, example[field], "image", size)
 
+    if example.get(CATEGORY_MAP_KEY) is not None:  # optional dense scene labels (generated training data)
+      labels = np.asarray(example[CATEGORY_MAP_KEY])
+      if labels.ndim != 2 or labels.dtype != np.uint8:
+        raise _fail(example, f"{CATEGORY_MAP_KEY} must be a uint8 (H, W) array; got {labels.dtype} "
+                             f"{labels.shape}.")
+      _check_same_size(example, CATEGORY_MAP_KEY, labels, "image", size)
+      example[CATEGORY_MAP_KEY] = labels
+
     if "no_target" not in example:
       raise _fail(example, "field 'no_target' is missing.")
     example["no_target"] = bool(np.asarray(example["no_target"]))
@@ -300,6 +313,8 @@ class ResizeToResolution(grain.transforms.Map):
     example["image"] = _resize(element["image"], size, Image.Resampling.BILINEAR)
     for field in _TARGET_MASK_FIELDS:
       example[field] = _resize(element[field], size, Image.Resampling.NEAREST)
+    if element.get(CATEGORY_MAP_KEY) is not None:
+      example[CATEGORY_MAP_KEY] = _resize(element[CATEGORY_MAP_KEY], size, Image.Resampling.NEAREST)
     if element["ref_image"] is None:
       example["ref_image"] = np.zeros((size, size, 3), np.uint8)
       example["ref_prompt"] = np.zeros((size, size), np.uint8)
@@ -345,7 +360,10 @@ class AssembleContract(grain.transforms.Map):
   """Keeps exactly the batch-contract fields (see `pipeline.py`) with their promised dtypes."""
 
   def map(self, element: Example) -> Example:
-    return {
+    extra = {}
+    if element.get(CATEGORY_MAP_KEY) is not None:
+      extra[CATEGORY_MAP_KEY] = element[CATEGORY_MAP_KEY].astype(np.uint8, copy=False)
+    return extra | {
         "image": element["image"].astype(np.uint8, copy=False),
         "text_ids": element["text_ids"].astype(np.int32, copy=False),
         "text_attention_mask": element["text_attention_mask"].astype(np.int32, copy=False),

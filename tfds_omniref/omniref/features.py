@@ -39,6 +39,21 @@ def readable(example: Mapping[str, Any]) -> dict[str, Any]:
   return out
 
 
+def as_decoded(example: Mapping[str, Any]) -> dict[str, Any]:
+  """A numpy example (label names, str text) in the form `tfds.data_source` reads records back in (the inverse
+  of `readable`, without the PNG round trip): label indices, `id`/`text` as bytes, `category_ids` a list."""
+  out = dict(example)
+  for key, names in (("modality", MODALITY_NAMES), ("setting", SETTING_NAMES), ("prompt_type", PROMPT_TYPE_NAMES)):
+    value = example[key]
+    out[key] = names.index(value) if isinstance(value, str) else int(value)
+  for key in ("id", "text"):
+    if isinstance(example[key], str):
+      out[key] = example[key].encode()
+  out["no_target"] = bool(example["no_target"])
+  out["category_ids"] = [np.int64(c) for c in np.asarray(example["category_ids"]).reshape(-1)]
+  return out
+
+
 def omniris_features() -> tfds.features.FeaturesDict:
   """The features of one OmniRIS example; every builder config of this package uses exactly these."""
   rgb = lambda doc: tfds.features.Image(shape=(None, None, 3), encoding_format="png", doc=doc)  # noqa: E731

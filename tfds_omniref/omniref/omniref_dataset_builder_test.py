@@ -283,3 +283,72 @@ def test_encoding_rejects_examples_that_break_the_spec():
     features_lib.encode_example(dict(example, mask=example["mask"] * 255))
   with pytest.raises(ValueError, match="uint8"):
     features_lib.encode_example(dict(example, image=example["image"].astype(np.float32)))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Train examples generated on demand (training on fresh scenes instead of the stored split)
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _assert_same_record(stored, generated, where):
+  assert set(stored) == set(generated), f"{where}: keys differ by {set(stored) ^ set(generated)}"
+  for key, value in stored.items():
+    other = generated[key]
+    if isinstance(value, np.ndarray):
+      assert value.dtype == other.dtype and value.shape == other.shape, f"{where}: {key}"
+      np.testing.assert_array_equal(value, other, err_msg=f"{where}: {key}")
+    else:
+      assert type(value) is type(other) and value == other, f"{where}: {key} {value!r} != {other!r}"
+
+
+def test_generated_train_source_starts_with_the_stored_train_split_record_for_record(built):
+  _, builder, _ = built
+  stored = builder.as_data_source(split="train")
+  generated = shapes_lib.GeneratedTrainSource(builder_lib.SHAPES_TINY.shapes, config_name="shapes_tiny")
+  assert len(generated) == shapes_lib.MAX_GENERATED_TRAIN
+  for index in range(len(stored)):
+    _assert_same_record(stored[index], generated[index], f"train/{index}")
+  beyond = generated[len(stored) + 5]  # new scenes past the stored split, same record format
+  assert beyond["id"] == f"shapes_tiny/train/{len(stored) + 5:06d}".encode()
+  assert not np.array_equal(beyond["image"], generated[5]["image"])
+
+
+def test_generated_train_source_keeps_only_the_asked_modalities_in_order(built):
+  _, builder, _ = built
+  stored = builder.as_data_source(split="train")
+  visual = shapes_lib.GeneratedTrainSource(builder_lib.SHAPES_TINY.shapes, ("omni", "visual"), length=18,
+                                           config_name="shapes_tiny")
+  wanted = [i for i in range(len(stored)) if stored[i]["modality"] in (1, 2)]
+  assert len(visual) == len(wanted) == 12
+  for position, index in enumerate(wanted):
+    _assert_same_record(stored[index], visual[position], f"visual[{position}] = train/{index}")
+  assert len(shapes_lib.GeneratedTrainSource(builder_lib.SHAPES_TINY.shapes, ("text",), length=10)) == 4
+  with pytest.raises(IndexError, match=r"outside \[0, 12\)"):
+    visual[12]
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(modalities=("video",)), "modalities"),
+    (dict(modalities=("text", "text")), "distinct"),
+    (dict(length=shapes_lib.MAX_GENERATED_TRAIN + 1), "length"),
+])
+def test_generated_train_source_rejects_bad_arguments(kwargs, message):
+  with pytest.raises(ValueError, match=message):
+    shapes_lib.GeneratedTrainSource(builder_lib.SHAPES_TINY.shapes, **kwargs)
+
+
+def test_generated_category_maps_label_every_object_with_its_category(built):
+  _, builder, _ = built
+  generated = shapes_lib.GeneratedTrainSource(builder_lib.SHAPES_TINY.shapes, category_maps=True,
+                                              config_name="shapes_tiny")
+  for index in range(30):
+    record = generated[index]
+    example, scene = shapes_lib.generate_example_and_scene(generated.config, "train", index, "shapes_tiny")
+    labels = record["category_map"]
+    assert labels.dtype == np.uint8 and labels.shape == record["image"].shape[:2]
+    np.testing.assert_array_equal(labels > 0, scene.instance_masks.any(axis=0))
+    for obj, mask in zip(scene.objects, scene.instance_masks):
+      assert (labels[mask] == obj.category + 1).all(), (index, obj)
+    referent = record["mask"][..., 0].astype(bool)
+    assert set(np.unique(labels[referent])) <= {c + 1 for c in record["category_ids"]}
+  assert "category_map" not in shapes_lib.GeneratedTrainSource(builder_lib.SHAPES_TINY.shapes)[0]

@@ -572,6 +572,76 @@ def generate_split(config: ShapesConfig, split: str, config_name: str = "shapes"
     yield generate_example(config, split, index, config_name)
 
 
+def category_map(scene: Scene) -> np.ndarray:
+  """(S, S) uint8: 0 on the background, 1 + the category index on each object of the scene."""
+  labels = np.zeros(scene.instance_masks.shape[1:], np.uint8)
+  for obj, mask in zip(scene.objects, scene.instance_masks):
+    labels[mask] = obj.category + 1
+  return labels
+
+
+# The most train examples a generated source can address (image ids of a split must stay below _ID_STRIDE).
+MAX_GENERATED_TRAIN = _ID_STRIDE // 2 - 1
+
+
+class GeneratedTrainSource:
+  """Train examples made on demand: a random-access source (`len`, `[i]`) for grain, never stored.
+
+  A fixed train split of a few thousand scenes is memorised within a few epochs (the training loss falls while
+  the test metrics stay at "segment every object"); the generator can instead draw a new scene for every step.
+  Element i is train example `index(i)` of a ShapesConfig with `num_train=length`, so the first elements are
+  the stored train split's own examples and every element is a pure function of (config, i); records come in
+  the form `tfds.data_source` gives (label indices, bytes text), so the pipeline cannot tell the two apart.
+  Test splits use their own seed streams: no generated example is a test example.
+
+  Args:
+    config: the generator parameters of the dataset config (its `num_train` is replaced by `length`).
+    modalities: keep only examples of these modalities (train cycles text, visual, omni); None keeps all.
+    length: train examples to address before the numbering ends (at most MAX_GENERATED_TRAIN).
+    config_name: prefixes the example ids.
+    category_maps: also give each record a `category_map` (S, S) uint8 of the target scene: 0 on the
+      background, 1 + the category index on every object (dense labels for an auxiliary scene-parsing loss;
+      the stored splits have none).
+  """
+
+  def __init__(self, config: ShapesConfig, modalities: Sequence[str] | None = None,
+               length: int = MAX_GENERATED_TRAIN, config_name: str = "shapes", category_maps: bool = False):
+    if not 9 <= length <= MAX_GENERATED_TRAIN:
+      raise ValueError(f"GeneratedTrainSource {length=} must be in [9, {MAX_GENERATED_TRAIN}].")
+    modalities = tuple(MODALITIES if not modalities else modalities)
+    unknown = [m for m in modalities if m not in MODALITIES]
+    if unknown or len(set(modalities)) != len(modalities):
+      raise ValueError(f"GeneratedTrainSource modalities={modalities} must be distinct names from {MODALITIES}.")
+    self.config = dataclasses.replace(config, num_train=length)
+    self.config_name = config_name
+    self.category_maps = category_maps
+    # Train example j has modality MODALITIES[j % 3]: the k-th kept example is 3 * (k // n) + offsets[k % n].
+    self._offsets = sorted(MODALITIES.index(m) for m in modalities)
+    self._length = (length // 3) * len(self._offsets) + sum(o < length % 3 for o in self._offsets)
+
+  def __len__(self) -> int:
+    return self._length
+
+  def index(self, i: int) -> int:
+    """The train example number behind element `i`."""
+    if not 0 <= i < self._length:
+      raise IndexError(f"GeneratedTrainSource index {i} is outside [0, {self._length}).")
+    per_cycle = len(self._offsets)
+    return 3 * (i // per_cycle) + self._offsets[i % per_cycle]
+
+  def __getitem__(self, i: int) -> dict[str, Any]:
+    from tfds_omniref.omniref import features  # pylint: disable=g-import-not-at-top  (imports TFDS)
+    example, scene = generate_example_and_scene(self.config, "train", self.index(int(i)), self.config_name)
+    record = features.as_decoded(example)
+    if self.category_maps:
+      record["category_map"] = category_map(scene)
+    return record
+
+  def __repr__(self) -> str:
+    kept = tuple(MODALITIES[o] for o in self._offsets)
+    return f"GeneratedTrainSource({self.config_name}, modalities={kept}, len={self._length})"
+
+
 def main(argv: Sequence[str] | None = None) -> None:
   """Command line: render a preview grid of generated examples to a PNG."""
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])

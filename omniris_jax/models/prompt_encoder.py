@@ -38,6 +38,14 @@ Choices where the paper is silent, taken from the release unless noted:
     nn.Embedding; learnable `reference_points` (n, 2) stored as logits (sigmoid keeps them inside the map),
     initialised at the centres of a rows x cols grid (4 x 5 for n = 20, the release's fixed grid), shared by all
     levels.
+  * `prototype_queries` and `queries_in_prompt_box` (ours, both off by default: neither the paper nor the
+    release has them; the demo turns them on). With learned queries at fixed reference points, a query reads the
+    referent only if the referent happens to lie near its point, and a small reference instance is seen by one
+    or two of the n queries. `prototype_queries` adds the prompt's prototype, the masked average of every
+    reference level inside the prompt (few-shot segmentation's masked average pooling; concatenated over levels,
+    projected to D), to every query's content, so every token starts from what the prompt covers.
+    `queries_in_prompt_box` lays the queries' reference points out inside the prompt's bounding box instead of
+    the whole image (the learned points, in [0, 1], are relative to the box); an empty prompt keeps the image.
   * Layers are post-norm (cross-attn, self-attn, FFN each followed by residual + LayerNorm), FFN 2048 wide with
     ReLU and dropout 0 (the release); self-attention takes query + query_pos as queries and keys and the plain
     queries as values (as the release does). A final LayerNorm, then Dense(D -> prompt_dim) + LayerNorm(prompt_dim) projects the tokens to
@@ -92,6 +100,8 @@ class PromptEncoderConfig:
     fusion: how PEM fuses the prompt embedding with the reference features: "add" (paper), "multiply", "none".
     mask_values_outside_prompt: zero the values outside the (resized) prompt before sampling (release: True;
       default False per the paper, see the module docstring).
+    prototype_queries: add the prompt's masked-average prototype to every query (ours; see the module docstring).
+    queries_in_prompt_box: reference points inside the prompt's bounding box (ours; see the module docstring).
     mask_in_chans: channels of the stride-4 mask downscaler (16, SAM's and the release's).
     group_norm_groups: groups of the input-projection GroupNorms (32); must divide `hidden_dim`.
     implementation: deformable-attention kernel, see `deform_attn.available_implementations()`.
@@ -107,6 +117,8 @@ class PromptEncoderConfig:
   dropout_rate: float = 0.0
   fusion: str = "add"
   mask_values_outside_prompt: bool = False
+  prototype_queries: bool = False
+  queries_in_prompt_box: bool = False
   mask_in_chans: int = 16
   group_norm_groups: int = 32
   implementation: str = "xla"
@@ -157,6 +169,25 @@ def reference_point_logits_init(key, shape, dtype=jnp.float32):
 def _pad_to_even(x: Array) -> Array:
   """Pads NHWC bottom/right to even height/width, so a k2 s2 conv rounds up like Swin's patch merging."""
   return jnp.pad(x, ((0, 0), (0, x.shape[1] % 2), (0, x.shape[2] % 2), (0, 0)))
+
+
+def prompt_box(prompt: Array) -> tuple[Array, Array]:
+  """(B, H, W) binary prompt -> its bounding box as (top-left (B, 2), size (B, 2)), both (x, y) in [0, 1].
+
+  The box spans whole pixels (the last foreground pixel's far edge); an empty prompt gives the whole image.
+  """
+  _, height, width = prompt.shape
+  foreground = prompt > 0.5
+
+  def extent(occupied, length):  # occupied (B, length) -> (start, end) as fractions of length
+    first = jnp.argmax(occupied, axis=-1)
+    last = length - 1 - jnp.argmax(occupied[:, ::-1], axis=-1)
+    any_set = occupied.any(axis=-1)
+    return jnp.where(any_set, first / length, 0.0), jnp.where(any_set, (last + 1) / length, 1.0)
+
+  x0, x1 = extent(foreground.any(axis=1), width)
+  y0, y1 = extent(foreground.any(axis=2), height)
+  return jnp.stack([x0, y0], -1), jnp.stack([x1 - x0, y1 - y0], -1)
 
 
 def _nearest_resize(prompt: Array, height: int, width: int) -> Array:
@@ -245,7 +276,7 @@ class OmniPromptEncoder(nn.Module):
     level_embed = self.param("level_embed", nn.with_logical_partitioning(
         nn.initializers.normal(1.0), ("table", "embed")), (num_levels, cfg.hidden_dim))
     xavier = nn.initializers.xavier_uniform()
-    spatial_shapes, levels, masks = [], [], []
+    spatial_shapes, levels, masks, prototypes = [], [], [], []
     for level, name in enumerate(REFERENCE_FEATURE_NAMES):
       x = layers.Conv(cfg.hidden_dim, (1, 1), kernel_init=xavier, name=f"input_proj_{level}")(ref_features[name])
       x = GroupNorm(cfg.group_norm_groups, name=f"input_norm_{level}")(x)
@@ -258,6 +289,10 @@ class OmniPromptEncoder(nn.Module):
               f"{name}, but ref_features[{name!r}] is {(height, width)}; pass the prompt at the reference "
               "image's resolution (the one the image encoder saw).")
         x = x + embedding if cfg.fusion == "add" else x * embedding
+      if cfg.prototype_queries:
+        # Fraction of each cell the prompt covers (antialiased resize = area-like weights at any size).
+        coverage = jax.image.resize(prompt, (batch, height, width), "linear", antialias=True)[..., None]
+        prototypes.append((coverage * x).sum((1, 2)) / jnp.maximum(coverage.sum((1, 2)), 1e-6))
       x = x + level_embed[level]
       spatial_shapes.append((height, width))
       levels.append(x.reshape(batch, height * width, cfg.hidden_dim))
@@ -276,9 +311,17 @@ class OmniPromptEncoder(nn.Module):
     reference_logits = self.param("reference_points",
                                   nn.with_logical_partitioning(reference_point_logits_init, ("table", None)),
                                   (cfg.num_queries, 2))
-    reference_points = jnp.broadcast_to(jax.nn.sigmoid(reference_logits)[None, :, None, :],
-                                        (batch, cfg.num_queries, num_levels, 2))
+    reference_points = jnp.broadcast_to(jax.nn.sigmoid(reference_logits)[None],
+                                        (batch, cfg.num_queries, 2))
+    if cfg.queries_in_prompt_box:
+      box_start, box_size = prompt_box(prompt)
+      reference_points = box_start[:, None] + reference_points * box_size[:, None]
+    reference_points = jnp.broadcast_to(reference_points[:, :, None], (batch, cfg.num_queries, num_levels, 2))
     queries = jnp.broadcast_to(queries[None], (batch, *queries.shape))
+    if cfg.prototype_queries:
+      prototype = layers.Dense(cfg.hidden_dim, ("mlp", "embed"), name="prototype_proj")(
+          jnp.concatenate(prototypes, axis=-1))
+      queries = queries + layers.LayerNorm(name="prototype_norm")(prototype)[:, None]
     query_pos = query_pos[None]
     for index in range(cfg.num_layers):
       queries = PromptGeneratorLayer(cfg, num_levels, name=f"layer_{index}")(

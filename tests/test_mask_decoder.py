@@ -162,3 +162,74 @@ def test_bad_inputs_say_what_is_wrong(paper_decoder):
     model.apply(variables, multi_scale, mask_features, tokens, mask[:, :3])
   with pytest.raises(ValueError, match="prompt_cross_attention"):
     MaskDecoderConfig(prompt_cross_attention="middle")
+
+
+def _with_leaf(variables, path, value):
+  """A copy of `variables` with params[path...] (a boxed leaf) replaced by `value`."""
+  params = jax.tree.map(lambda x: x, variables["params"], is_leaf=lambda x: isinstance(x, nn.Partitioned))
+  node = params
+  for key in path[:-1]:
+    node = node[key]
+  node[path[-1]] = node[path[-1]].replace_boxed(value)
+  return {"params": params}
+
+
+def test_prompt_kernel_adds_the_pooled_prompt_match_to_the_foreground_only():
+  config = dataclasses.replace(MaskDecoderConfig.tiny_test(), prompt_kernel=True)
+  inputs = _inputs(config)
+  variables = MaskDecoder(config).init(jax.random.key(0), *inputs)
+  kernel_params = variables["params"]["prompt_kernel"]
+  plain_params = {k: v for k, v in variables["params"].items() if k != "prompt_kernel"}
+  plain = MaskDecoder(MaskDecoderConfig.tiny_test()).apply({"params": plain_params}, *inputs)
+  out = MaskDecoder(config).apply(variables, *inputs)
+  # The kernel, by hand: MLP of the mean of the valid tokens, dotted with the mask features.
+  _, mask_features, tokens, mask = inputs
+  pooled = (tokens * mask[..., None]).sum(1) / mask.sum(1, keepdims=True)
+  unbox = lambda name: kernel_params[name]  # noqa: E731
+  hidden = nn.relu(pooled @ unbox("layers_0")["kernel"].value + unbox("layers_0")["bias"].value)
+  kernel = hidden @ unbox("layers_1")["kernel"].value + unbox("layers_1")["bias"].value
+  np.testing.assert_allclose(out["mask_logits"][..., 0], plain["mask_logits"][..., 0], rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(out["mask_logits"][..., 1] - plain["mask_logits"][..., 1],
+                             jnp.einsum("bc,bhwc->bhw", kernel, mask_features), rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(out["region_logits"], plain["region_logits"], rtol=1e-6)
+
+
+def test_nt_evidence_reads_the_mask_and_region_margins():
+  config = dataclasses.replace(MaskDecoderConfig.tiny_test(), nt_evidence=True)
+  inputs = _inputs(config)
+  variables = MaskDecoder(config).init(jax.random.key(0), *inputs)
+  weights = jnp.array([[0.0, 1.0], [0.0, -2.0], [0.0, 3.0]])
+  variables = _with_leaf(variables, ("nt_evidence", "kernel"), weights)
+  variables = _with_leaf(variables, ("nt_evidence", "bias"), jnp.array([0.0, 0.5]))
+  out = MaskDecoder(config).apply(variables, *inputs)
+  plain_params = {k: v for k, v in variables["params"].items() if k != "nt_evidence"}
+  plain = MaskDecoder(MaskDecoderConfig.tiny_test()).apply({"params": plain_params}, *inputs)
+  region_margin = (out["region_logits"][..., 1] - out["region_logits"][..., 0]).reshape(BATCH, -1)
+  pixel_margin = out["mask_logits"][..., 1] - out["mask_logits"][..., 0]
+  evidence = jnp.stack([jax.nn.sigmoid(region_margin.max(1)), jax.nn.sigmoid(pixel_margin.max((1, 2))),
+                        jax.nn.sigmoid(pixel_margin).mean((1, 2))], -1)
+  np.testing.assert_allclose(out["nt_logits"] - plain["nt_logits"], evidence @ weights + jnp.array([0.0, 0.5]),
+                             rtol=1e-5, atol=1e-5)
+
+
+def test_pixel_fusion_adds_a_prompt_and_position_dependent_term_to_the_foreground_only():
+  config = dataclasses.replace(MaskDecoderConfig.tiny_test(), pixel_fusion=True)
+  inputs = _inputs(config)
+  variables = MaskDecoder(config).init(jax.random.key(0), *inputs)
+  fusion_params = variables["params"]["pixel_fusion"]
+  plain_params = {k: v for k, v in variables["params"].items() if k != "pixel_fusion"}
+  plain = MaskDecoder(MaskDecoderConfig.tiny_test()).apply({"params": plain_params}, *inputs)
+  out = MaskDecoder(config).apply(variables, *inputs)
+  _, mask_features, tokens, mask = inputs
+  pooled = (tokens * mask[..., None]).sum(1) / mask.sum(1, keepdims=True)  # the valid tokens only
+  fusion = mask_decoder.PixelPromptFusion(config.hidden_dim)
+  term = fusion.apply({"params": fusion_params}, mask_features, pooled)
+  np.testing.assert_allclose(out["mask_logits"][..., 0], plain["mask_logits"][..., 0], rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(out["mask_logits"][..., 1] - plain["mask_logits"][..., 1], term, rtol=1e-4,
+                             atol=1e-4)
+  # The term depends on the prompt and, for the same pixel features everywhere, still on the position.
+  other = fusion.apply({"params": fusion_params}, mask_features, pooled[::-1])
+  assert float(jnp.abs(other - term).max()) > 1e-3
+  flat = jnp.broadcast_to(mask_features[:, :1, :1], mask_features.shape)
+  positional = fusion.apply({"params": fusion_params}, flat, pooled)
+  assert float(jnp.abs(positional[:, 0, 0] - positional[:, -1, -1]).max()) > 1e-3

@@ -21,7 +21,17 @@ Heads (ReLA's construction, our own code), all on the layer-normed region featur
                  `mask_features` F (B, H/4, W/4, M); the two output channels are the region-weighted sums
                  sum_q w[q, a] * <E_q, F>, with w = softmax(region logits) ('probabilities', default) or the raw
                  region logits ('logits', what ReLA's code does). Channel 1 = foreground.
-  no-target logits (B, 2) = mean over queries of MLP(R); channel 1 = "no target".
+                 With `prompt_kernel` (ours, off by default) the prompt also paints directly: the mean of the
+                 valid prompt tokens, through an MLP, is a kernel added to the foreground embedding (CRIS's
+                 sentence-as-kernel), so a pixel's foreground logit rises with its match to the prompt. The
+                 region queries alone must first learn where their minimap cells are before they can pick one
+                 object; on small data they did not, and the mask stayed "every object" (benchmarks/RESULTS.md).
+  no-target logits (B, 2) = mean over queries of MLP(R); channel 1 = "no target". With `nt_evidence` (ours,
+                 off by default) a linear read of the decoder's own evidence is added: sigmoid of the largest
+                 region margin and of the largest pixel margin (foreground minus background logit) and the mean
+                 foreground probability of the mask. "No target" is then tied to "the mask is empty"; the plain
+                 head has to find absence in the mean of the region features alone, and on small data it did not
+                 (it stayed at the class prior, benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -63,6 +73,9 @@ class MaskDecoderConfig:
       block 0 only, through a zero-initialised projection scaled by sigmoid(gate) * prompt_gate_scale).
     prompt_gate_scale: the fixed factor of the 'first' variant's gated prompt attention (ReLA's rla_weight).
     masked_attention: restrict each block's pixel cross-attention to the previous prediction's foreground.
+    prompt_kernel: add a kernel computed from the pooled prompt tokens to the foreground mask embedding (ours).
+    pixel_fusion: a per-pixel fusion head adds a prompt-conditioned term to the foreground logits (ours).
+    nt_evidence: the no-target head also reads the mask's and the regions' foreground evidence (ours).
     region_weighting: 'probabilities' (softmax of the region logits weights the per-query masks) or 'logits'
       (the raw region logits do, as in ReLA's code).
     dropout_rate: dropout after every attention / FFN (0 in ReLA).
@@ -80,6 +93,9 @@ class MaskDecoderConfig:
   prompt_gate_scale: float = 0.1
   masked_attention: bool = True
   region_weighting: str = "probabilities"
+  prompt_kernel: bool = False
+  pixel_fusion: bool = False
+  nt_evidence: bool = False
   dropout_rate: float = 0.0
   layer_norm_eps: float = 1e-5
 
@@ -215,6 +231,36 @@ class MaskDecoderBlock(nn.Module):
     return layers.constrain(queries, ("batch", "length", "embed"))
 
 
+class PixelPromptFusion(nn.Module):
+  """Per-pixel fusion of the stride-4 features with the pooled prompt -> a foreground logit term (B, h, w).
+
+  Each pixel's features are modulated by the prompt (FiLM: scale and shift from the pooled prompt vector) and
+  told where they are (the pixel's normalised (x, y), for words such as "left" or "upper"), then two 3 x 3 convs
+  and a linear read-out. The region queries reach a pixel only through their embeddings and the minimap, which a
+  small model trained briefly does not learn (its masks stay "every object", benchmarks/RESULTS.md); this head
+  gives the prompt a direct, local path to every pixel, as the first referring-segmentation models did (fusing
+  the tiled sentence vector and spatial coordinates with the pixel features).
+  """
+
+  hidden_dim: int
+
+  @nn.compact
+  def __call__(self, mask_features: Array, prompt: Array) -> Array:
+    _, height, width, _ = mask_features.shape
+    pixels = layers.Dense(self.hidden_dim, ("embed", "mlp"), name="pixel_projection")(
+        layers.LayerNorm(name="pixel_norm")(mask_features))
+    scale = layers.Dense(self.hidden_dim, ("embed", "mlp"), name="prompt_scale")(prompt)[:, None, None]
+    shift = layers.Dense(self.hidden_dim, ("embed", "mlp"), name="prompt_shift")(prompt)[:, None, None]
+    ys, xs = np.meshgrid((np.arange(height) + 0.5) / height * 2 - 1, (np.arange(width) + 0.5) / width * 2 - 1,
+                         indexing="ij")
+    coordinates = jnp.asarray(np.stack([xs, ys], -1), mask_features.dtype)
+    where = layers.Dense(self.hidden_dim, (None, "mlp"), name="coordinate_projection")(coordinates)
+    x = nn.relu(pixels * (1.0 + scale) + shift + where)
+    for index in range(2):
+      x = nn.relu(layers.Conv(self.hidden_dim, (3, 3), name=f"conv_{index}")(x))
+    return layers.Dense(1, ("mlp", None), name="readout")(x)[..., 0]
+
+
 class _PredictionHeads(nn.Module):
   """Shared heads applied after every block (for the attention masks) and at the end.
 
@@ -315,8 +361,24 @@ class MaskDecoder(nn.Module):
     else:
       region_weights = region_logits
     target_embed = jnp.einsum("bqa,bqc->bac", region_weights, mask_embed)
+    if cfg.prompt_kernel:
+      valid = prompt_mask[..., None].astype(prompt_tokens.dtype)
+      pooled = (prompt_tokens * valid).sum(axis=1) / jnp.maximum(valid.sum(axis=1), 1.0)
+      kernel = _MlpHead(cfg.hidden_dim, cfg.mask_dim, 2, name="prompt_kernel")(pooled)
+      target_embed = target_embed.at[:, 1].add(kernel.astype(target_embed.dtype))
     mask_logits = jnp.einsum("bac,bhwc->bhwa", target_embed, mask_features)
+    if cfg.pixel_fusion:
+      valid = prompt_mask[..., None].astype(prompt_tokens.dtype)
+      pooled = (prompt_tokens * valid).sum(axis=1) / jnp.maximum(valid.sum(axis=1), 1.0)
+      fused = PixelPromptFusion(cfg.hidden_dim, name="pixel_fusion")(mask_features, pooled)
+      mask_logits = mask_logits.at[..., 1].add(fused.astype(mask_logits.dtype))
     nt_logits = _MlpHead(cfg.hidden_dim, 2, 2, name="nt_head")(region_features).mean(axis=1)
+    if cfg.nt_evidence:
+      region_margin = (region_logits[..., 1] - region_logits[..., 0]).astype(jnp.float32)
+      pixel_margin = (mask_logits[..., 1] - mask_logits[..., 0]).astype(jnp.float32)
+      evidence = jnp.stack([jax.nn.sigmoid(region_margin.max(axis=1)), jax.nn.sigmoid(pixel_margin.max(axis=(1, 2))),
+                            jax.nn.sigmoid(pixel_margin).mean(axis=(1, 2))], axis=-1)
+      nt_logits = nt_logits + layers.Dense(2, (None, None), name="nt_evidence")(evidence)
     return {
         "mask_logits": layers.constrain(mask_logits, ("batch", "height", "width", None)),
         "region_logits": region_logits.reshape(batch, cfg.query_grid, cfg.query_grid, 2),

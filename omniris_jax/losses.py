@@ -15,12 +15,22 @@ The terms (DESIGN.md §6; ReLA's/the release's `ReferringCriterion`, paper eq. 1
              whatever their frequency), or 'focal' (focal loss with `focal_gamma`, class weights as alpha).
 
   dice       (optional, `dice_weight`, 0 in ReLA) 1 - (2 sum(p g) + 1) / (sum p + sum g + 1) per example on the
-             full-resolution foreground probability p, averaged over the counted examples. The class-weighted CE
-             alone lets an unsure model paint nothing (a referent covers ~5% of a shapes image, so p_fg < 0.5
-             everywhere is its cheapest guess, and IoU is then 0); dice scores the overlap itself.
+             full-resolution foreground probability p, averaged over the examples WITH a referent. The
+             class-weighted CE alone lets an unsure model paint nothing (a referent covers ~5% of a shapes image,
+             so p_fg < 0.5 everywhere is its cheapest guess, and IoU is then 0); dice scores the overlap itself.
+             On an empty ground truth dice would charge half its maximum for one painted pixel, and a model that
+             cannot yet tell whether the referent is there learns to paint nothing (benchmarks/RESULTS.md), so
+             no-target examples are left to the CE and the no-target term.
+  category   (optional, `category_weight`, ours) CE of the scene-parsing head's `category_logits` against the
+             batch's `category_map` (0 background, 1 + category; generated training data only), background
+             weighted by `category_background_weight`, on every example.
 
-  total = loss_scale * (mask_weight * mask + region_weight * region + nt_weight * no_target + dice_weight * dice)
-          + per_prompt_weight * (the same weighted sum on each prompt's own outputs, omni examples only)
+  `mask_loss_on_no_target=False` also drops no-target examples from the mask and region terms (ReLA: True).
+
+  total = loss_scale * (mask_weight * mask + region_weight * region + nt_weight * no_target + dice_weight * dice
+                       + category_weight * category)
+          + per_prompt_weight * (the same sum but the category term, on each prompt's own outputs, omni
+                                 examples only)
 
 Per-prompt terms: an omni example (has_text and has_visual) also carries each prompt's own ground truth
 (`text_mask`, `visual_mask`), so the per-prompt outputs (`text_*_logits`, `visual_*_logits`) get the three terms
@@ -71,6 +81,15 @@ def default_loss_config() -> ml_collections.ConfigDict:
   # lambdas); 0 skips them (and their cost).
   c.per_prompt_weight = 1.0
   c.dice_weight = 0.0  # Weight of the optional dice term on the full-resolution mask (0 = ReLA: CE only).
+  # Weight of the auxiliary scene-parsing CE (ours; 0 = off): the model's `category_logits` against the batch's
+  # dense `category_map` (0 background, 1 + category), counted on every example; needs both keys.
+  c.category_weight = 0.0
+  # Weight of the background class in that CE (objects weigh 1): background pixels outnumber object pixels ~10:1
+  # and, weighted equally, teach the head objectness more than categories.
+  c.category_background_weight = 1.0
+  # Whether no-target examples also train the masks towards empty (ReLA). False: the mask and region terms count
+  # only examples with a referent, and the no-target head alone answers "is it there?".
+  c.mask_loss_on_no_target = True
   return c
 
 
@@ -208,13 +227,14 @@ def no_target_loss(nt_logits: Array, no_target: Array, valid: Array, config: Any
 def _terms(outputs: Mapping[str, Array], prefix: str, gt_mask: Array, no_target: Array, valid: Array,
            config: Any) -> dict[str, Array]:
   """The three weighted-sum inputs for one output set (prefix '' combined, 'text_' or 'visual_')."""
+  painted = valid if getattr(config, "mask_loss_on_no_target", True) else valid & ~no_target
   return {
-      "mask": mask_loss(outputs[f"{prefix}mask_logits"], gt_mask, config.class_weights, valid,
+      "mask": mask_loss(outputs[f"{prefix}mask_logits"], gt_mask, config.class_weights, painted,
                         config.mask_resolution),
-      "region": region_loss(outputs[f"{prefix}region_logits"], gt_mask, config.class_weights, valid,
+      "region": region_loss(outputs[f"{prefix}region_logits"], gt_mask, config.class_weights, painted,
                             config.region_target),
       "no_target": no_target_loss(outputs[f"{prefix}nt_logits"], no_target, valid, config),
-      "dice": (dice_loss(outputs[f"{prefix}mask_logits"], gt_mask, valid) if _dice_weight(config)
+      "dice": (dice_loss(outputs[f"{prefix}mask_logits"], gt_mask, valid & ~no_target) if _dice_weight(config)
                else jnp.zeros((), jnp.float32)),
   }
 
@@ -290,5 +310,27 @@ def compute_losses(outputs: Mapping[str, Array], batch: Mapping[str, Any], confi
       metrics.update({f"{name}_mask_loss": prompt_terms["mask"], f"{name}_region_loss": prompt_terms["region"],
                       f"{name}_nt_loss": prompt_terms["no_target"], f"{name}_dice_loss": prompt_terms["dice"],
                       f"{name}_loss": prompt_total})
+  category_weight = getattr(config, "category_weight", 0.0)
+  if category_weight:
+    if "category_logits" not in outputs or "category_map" not in batch:
+      raise KeyError("compute_losses: category_weight > 0 needs outputs['category_logits'] (set the model's "
+                     "num_categories) and batch['category_map'] (generated training data with category maps)")
+    category_term = category_loss(outputs["category_logits"], jnp.asarray(batch["category_map"]), valid,
+                                  getattr(config, "category_background_weight", 1.0))
+    total = total + config.loss_scale * category_weight * category_term
+    metrics["category_loss"] = category_term
   metrics["loss"] = total
   return total, {key: jnp.asarray(value, jnp.float32) for key, value in metrics.items()}
+
+
+def category_loss(category_logits: Array, category_map: Array, valid: Array,
+                  background_weight: float = 1.0) -> Array:
+  """CE of (B, h, w, K) logits, bilinearly upsampled, against (B, H, W) integer labels in [0, K); class 0
+  (background) weighs `background_weight`, every category 1 (normalised like torch's weighted CE)."""
+  batch, height, width = category_map.shape
+  logits = category_logits.astype(jnp.float32)
+  if logits.shape[1:3] != (height, width):
+    logits = jax.image.resize(logits, (batch, height, width, logits.shape[-1]), method="bilinear",
+                              antialias=False)
+  class_weights = jnp.ones((logits.shape[-1],)).at[0].set(background_weight)
+  return weighted_cross_entropy(logits, category_map, class_weights, _per_example_valid(valid, 3))

@@ -225,6 +225,58 @@ def test_total_is_the_configured_weighted_sum():
       rtol=1e-6)
 
 
+def test_mask_loss_on_no_target_false_paints_only_examples_with_a_referent():
+  outputs, batch = _outputs_and_batch(omni=(True, True, False))
+  batch["no_target"] = np.array([False, True, False])
+  batch["mask"][1] = 0
+  config = _config(mask_loss_on_no_target=False, dice_weight=1.0, region_target="any")
+  _, metrics = losses.compute_losses(outputs, batch, config)
+  painted = jnp.array([True, False, True])
+  gt = jnp.asarray(batch["mask"])
+  np.testing.assert_allclose(metrics["mask_loss"], losses.mask_loss(outputs["mask_logits"], gt, WEIGHTS, painted),
+                             rtol=1e-6)
+  np.testing.assert_allclose(metrics["region_loss"], losses.region_loss(outputs["region_logits"], gt, WEIGHTS,
+                                                                        painted, "any"), rtol=1e-6)
+  np.testing.assert_allclose(metrics["dice_loss"], losses.dice_loss(outputs["mask_logits"], gt, painted), rtol=1e-6)
+  # The no-target head still sees every example; the per-prompt terms skip the prompt whose ground truth is empty.
+  np.testing.assert_allclose(metrics["nt_loss"], losses.no_target_loss(
+      outputs["nt_logits"], jnp.asarray(batch["no_target"]), jnp.ones((3,), bool), config), rtol=1e-6)
+  text_gt = jnp.asarray(batch["text_mask"])
+  np.testing.assert_allclose(metrics["text_mask_loss"], losses.mask_loss(
+      outputs["text_mask_logits"], text_gt, WEIGHTS, jnp.array([True, False, False])), rtol=1e-6)
+  # The default (ReLA) trains the no-target example's mask towards empty too.
+  _, default = losses.compute_losses(outputs, batch, _config(dice_weight=1.0, region_target="any"))
+  np.testing.assert_allclose(default["mask_loss"], losses.mask_loss(outputs["mask_logits"], gt, WEIGHTS,
+                                                                    jnp.ones((3,), bool)), rtol=1e-6)
+  assert abs(float(default["mask_loss"]) - float(metrics["mask_loss"])) > 1e-4
+  # Dice always skips the example without a referent: on an empty ground truth one painted pixel would cost half
+  # its maximum, which taught the demo model to paint nothing whenever a prompt might be absent.
+  np.testing.assert_allclose(default["dice_loss"], losses.dice_loss(outputs["mask_logits"], gt, painted), rtol=1e-6)
+
+
+def test_category_loss_by_hand_and_in_the_total():
+  # 2 x 2 logits upsampled to 4 x 4 are constant within each stride-2 cell only at its centre, so use 1 x 1
+  # logits (constant everywhere) for an exact hand computation.
+  logits = jnp.asarray(np.log(np.array([0.7, 0.2, 0.1], np.float32)))[None, None, None]
+  labels = np.zeros((1, 4, 4), np.int32)
+  labels[0, :2] = 2  # 8 pixels of class 2, 8 of class 0
+  expected = -(8 * math.log(0.7) + 8 * math.log(0.1)) / 16
+  np.testing.assert_allclose(losses.category_loss(logits, jnp.asarray(labels), jnp.ones((1,), bool)), expected,
+                             rtol=1e-5)
+  outputs, batch = _outputs_and_batch()
+  rng = np.random.default_rng(1)
+  outputs["category_logits"] = jnp.asarray(rng.normal(size=(3, 4, 4, 9)).astype(np.float32))
+  batch["category_map"] = rng.integers(0, 9, size=(3, 16, 16)).astype(np.uint8)
+  plain, _ = losses.compute_losses(outputs, batch, _config())
+  total, metrics = losses.compute_losses(outputs, batch, _config(category_weight=0.5))
+  term = losses.category_loss(outputs["category_logits"], jnp.asarray(batch["category_map"]), jnp.ones((3,), bool))
+  np.testing.assert_allclose(metrics["category_loss"], term, rtol=1e-6)
+  np.testing.assert_allclose(total, plain + 5.0 * 0.5 * term, rtol=1e-5)
+  del batch["category_map"]
+  with pytest.raises(KeyError, match="category_map"):
+    losses.compute_losses(outputs, batch, _config(category_weight=0.5))
+
+
 def test_per_prompt_terms_use_only_omni_examples_and_their_own_ground_truth():
   # Examples 0 and 1 are omni; example 1's text ground truth is empty -> its text no-target label is 1.
   outputs, batch = _outputs_and_batch(omni=(True, True, False))

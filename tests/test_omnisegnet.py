@@ -350,3 +350,43 @@ def test_early_fusion_swin_matches_swin_with_shifted_blocks():
 def test_early_fusion_refuses_to_encode_the_image_alone(early_model, early_variables):
   with pytest.raises(ValueError, match="early_fusion"):
     early_model.apply(early_variables, _batch()["image"], method=OmniSegNet.encode_image)
+
+
+def test_scene_parsing_head_reads_the_mask_features_into_background_plus_categories():
+  model = OmniSegNet(OmniSegNetConfig.tiny_test(num_categories=5))
+  shapes = jax.eval_shape(model.init, jax.random.key(0), **_batch())
+  head = shapes["params"]["category_head"]
+  mask_dim = OmniSegNetConfig.tiny_test().pixel_encoder.mask_dim
+  assert head["kernel"].value.shape == (mask_dim, 6) and head["kernel"].names == ("embed", None)
+  outputs = jax.eval_shape(lambda v, b: model.apply(v, **b), shapes, _batch())
+  assert outputs["category_logits"].shape == (BATCH, SIZE // 4, SIZE // 4, 6)
+  assert "category_head" not in jax.eval_shape(OmniSegNet(OmniSegNetConfig.tiny_test()).init, jax.random.key(0),
+                                               **_batch())["params"]
+
+
+def test_category_matching_adds_the_reference_category_match_to_the_visual_prompt_only():
+  model = OmniSegNet(OmniSegNetConfig.tiny_test(num_categories=3, category_matching=True))
+  batch = _batch()
+  params = jax.jit(model.init)(jax.random.key(1), **batch)["params"]
+  forward = jax.jit(lambda p: model.apply({"params": p}, **batch))
+  gains = jnp.array([1.5, -0.5, -2.0, 0.25])
+  with_prior = forward({**params, "category_match": params["category_match"].replace_boxed(gains)})
+  without = forward({**params, "category_match": params["category_match"].replace_boxed(jnp.zeros(4))})
+  # The match map by hand: the target's per-pixel category probabilities (background dropped) dotted with the
+  # reference's, averaged over the prompt at stride 4.
+  plain = nn.unbox(params)
+  target = model.apply({"params": plain}, batch["image"], method=model.encode_image)["mask_features"]
+  reference = model.apply({"params": plain}, batch["ref_image"], method=model.encode_image)["mask_features"]
+  kernel, bias = plain["category_head"]["kernel"], plain["category_head"]["bias"]
+  head = lambda f: jax.nn.softmax(f @ kernel + bias)[..., 1:]  # noqa: E731
+  weights = jax.image.resize(batch["ref_prompt"], (BATCH, SIZE // 4, SIZE // 4), "linear", antialias=True)
+  ref_categories = (weights[..., None] * head(reference)).sum((1, 2)) / weights.sum((1, 2))[:, None]
+  match = jnp.einsum("bhwk,bk->bhw", head(target), ref_categories)
+  delta = with_prior["visual_mask_logits"] - without["visual_mask_logits"]
+  np.testing.assert_allclose(delta[..., 0], 0.0, atol=1e-5)
+  np.testing.assert_allclose(delta[..., 1], 1.5 * match - 0.5, rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(with_prior["visual_nt_logits"][:, 1] - without["visual_nt_logits"][:, 1],
+                             -2.0 * match.max((1, 2)) + 0.25, rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(with_prior["text_mask_logits"], without["text_mask_logits"], atol=1e-6)
+  with pytest.raises(ValueError, match="num_categories"):
+    OmniSegNetConfig.tiny_test(category_matching=True)

@@ -98,6 +98,17 @@ class OmniSegNetConfig:
     early_fusion: also fuse the prompt into the Swin stages (PWAM, ReLA/release); costs one target encoding per
       prompt set instead of one per image.
     max_text_len: the longest token sequence accepted (20 in the paper).
+    num_categories: > 0 adds an auxiliary scene-parsing head (ours, not in the paper or the release): a linear
+      read of the target's stride-4 `mask_features` into 1 + num_categories classes (background first), output
+      as `category_logits` by `__call__` with late fusion, for a loss against dense category labels
+      (losses.py, `category_weight`). Referring needs features that tell the categories apart; a model trained
+      from scratch learns them slowly from the referring losses alone.
+    category_matching: with the scene-parsing head, also match a visual prompt by category (ours): the head's
+      category probabilities averaged over the prompt on the reference (the reference goes through the pixel
+      encoder too) are dotted with the target's per-pixel probabilities; this match map m(x) in [0, 1] is added
+      to the visual prompt's foreground logits (learned gain and offset), and its maximum over the image to its
+      no-target logits. A visual referent in OmniRef is every instance of the reference's category, which is
+      what m measures.
   """
 
   swin: SwinConfig
@@ -108,6 +119,8 @@ class OmniSegNetConfig:
   omni_fusion: str = "union"
   early_fusion: bool = False
   max_text_len: int = 20
+  num_categories: int = 0
+  category_matching: bool = False
 
   def __post_init__(self):
     for name, config_class in _SUB_CONFIGS.items():
@@ -123,6 +136,11 @@ class OmniSegNetConfig:
       raise ValueError(f"OmniSegNetConfig: mask_decoder.mask_dim={self.mask_decoder.mask_dim} must equal "
                        f"pixel_encoder.mask_dim={self.pixel_encoder.mask_dim} (the decoder dots its mask "
                        "embeddings with the pixel encoder's mask_features)")
+    if self.category_matching and not self.num_categories:
+      raise ValueError("OmniSegNetConfig: category_matching=True needs the scene-parsing head "
+                       "(num_categories > 0)")
+    if self.category_matching and self.early_fusion:
+      raise ValueError("OmniSegNetConfig: category_matching is implemented for late fusion only")
     if self.max_text_len > self.bert.max_position_embeddings:
       raise ValueError(f"OmniSegNetConfig: {self.max_text_len=} exceeds bert.max_position_embeddings="
                        f"{self.bert.max_position_embeddings}")
@@ -280,6 +298,13 @@ class OmniSegNet(nn.Module):
     self.pixel_encoder = PixelEncoder(cfg.pixel_encoder)
     self.prompt_encoder = OmniPromptEncoder(cfg.prompt_encoder)
     self.mask_decoder = MaskDecoder(cfg.mask_decoder)
+    if cfg.num_categories:
+      self.category_head = layers.Dense(cfg.num_categories + 1, ("embed", None), name="category_head")
+    if cfg.category_matching:
+      # (mask gain, mask offset, no-target gain, no-target offset) of the match map; the gains start at 4 so the
+      # prior speaks from the first step, the offsets centre it (a match of 0.5 adds nothing).
+      self.category_match = self.param("category_match", nn.with_logical_partitioning(
+          lambda _, shape: jnp.array([4.0, -2.0, -4.0, 2.0]), (None,)), (4,))
 
   # ---------------------------------------------------------------------------------------------------------
   # Encoders
@@ -351,7 +376,7 @@ class OmniSegNet(nn.Module):
   def decode(self, image_features: ImageFeatures, text_tokens: Array | None = None,
              text_mask: Array | None = None, visual_tokens: Array | None = None,
              visual_mask: Array | None = None, has_text: Array | None = None, has_visual: Array | None = None,
-             *, deterministic: bool = True) -> dict[str, Array]:
+             ref_categories: Array | None = None, *, deterministic: bool = True) -> dict[str, Array]:
     """Decodes the text and/or visual prompts of each example and fuses them (see the module docstring).
 
     Late fusion only.
@@ -362,6 +387,8 @@ class OmniSegNet(nn.Module):
       visual_tokens, visual_mask: from `encode_visual`, or None when the batch carries no visual prompt.
       has_text, has_visual: (B,) bool, which examples have that prompt (all True when None); ignored for a
         modality whose tokens are None.
+      ref_categories: (B, K) from `reference_categories`, with `category_matching`: the visual prompt's
+        category-match prior (None: no prior).
 
     Returns:
       the output dict described in the module docstring.
@@ -374,7 +401,17 @@ class OmniSegNet(nn.Module):
     features = _broadcast_features(image_features, batch)
     features = jax.tree.map(lambda x: jnp.concatenate([x] * len(prompt_sets)), features)
     decoded = self.decode_prompts(features, tokens, mask, deterministic=deterministic)
+    if ref_categories is not None and "visual" in prompts:
+      decoded = self._match_set(decoded, prompt_sets, batch, _broadcast_features(image_features, batch),
+                                ref_categories)
     return _assemble_outputs(decoded, prompts, prompt_sets)
+
+  def _match_set(self, decoded, prompt_sets, batch, image_features, ref_categories):
+    """Applies `_match_visual` to the visual prompt set's rows of the stacked decode."""
+    index = [name for name, _, _ in prompt_sets].index("visual")
+    rows = slice(index * batch, (index + 1) * batch)
+    visual = self._match_visual({k: v[rows] for k, v in decoded.items()}, image_features, ref_categories)
+    return {k: v.at[rows].set(visual[k]) for k, v in decoded.items()}
 
   def __call__(self, image: Array, text_ids: Array | None = None, text_attention_mask: Array | None = None,
                ref_image: Array | None = None, ref_prompt: Array | None = None, has_text: Array | None = None,
@@ -414,20 +451,57 @@ class OmniSegNet(nn.Module):
       decoded = self.decode_prompts(features, tokens, mask, deterministic=deterministic)
       return _assemble_outputs(decoded, prompts, prompt_sets)
 
+    matching = self.config.category_matching and ref_image is not None
+    ref_categories = None
     if ref_image is not None and ref_image.shape == image.shape:
       # Same size: one image-encoder call on target and reference together (same weights, one bigger batch).
       batch = image.shape[0]
       both = self._backbone(jnp.concatenate([image.astype(jnp.float32), ref_image.astype(jnp.float32)]),
                             "image and ref_image", deterministic)
-      image_features = self._pixel_features(jax.tree.map(lambda x: x[:batch], both), deterministic)
+      if matching:  # the reference's pixel features too, in the same pixel-encoder call
+        features = self._pixel_features(both, deterministic)
+        image_features = jax.tree.map(lambda x: x[:batch], features)
+        ref_categories = self.reference_categories(features["mask_features"][batch:], ref_prompt)
+      else:
+        image_features = self._pixel_features(jax.tree.map(lambda x: x[:batch], both), deterministic)
       visual_tokens, visual_mask = self.prompt_encoder(jax.tree.map(lambda x: x[batch:], both), ref_prompt,
                                                        deterministic=deterministic)
     else:
       image_features = self.encode_image(image, deterministic=deterministic)
       if ref_image is not None:
         visual_tokens, visual_mask = self.encode_visual(ref_image, ref_prompt, deterministic=deterministic)
-    return self.decode(image_features, text_tokens, text_mask, visual_tokens, visual_mask, has_text, has_visual,
-                       deterministic=deterministic)
+        if matching:
+          ref_features = self._pixel_features(self._backbone(ref_image, "ref_image", deterministic), deterministic)
+          ref_categories = self.reference_categories(ref_features["mask_features"], ref_prompt)
+    outputs = self.decode(image_features, text_tokens, text_mask, visual_tokens, visual_mask, has_text,
+                          has_visual, ref_categories=ref_categories, deterministic=deterministic)
+    if self.config.num_categories:
+      outputs["category_logits"] = self.category_head(image_features["mask_features"])
+    return outputs
+
+  # ---------------------------------------------------------------------------------------------------------
+  # Category matching (config.category_matching)
+  # ---------------------------------------------------------------------------------------------------------
+
+  def _category_probabilities(self, mask_features: Array) -> Array:
+    """(B, h, w, K) object-category probabilities of each pixel (background dropped, so they sum to <= 1)."""
+    return jax.nn.softmax(self.category_head(mask_features).astype(jnp.float32), axis=-1)[..., 1:]
+
+  def reference_categories(self, ref_mask_features: Array, ref_prompt: Array) -> Array:
+    """(B, K): the reference's category probabilities averaged over its prompt (area-weighted at stride 4)."""
+    batch, height, width, _ = ref_mask_features.shape
+    weights = jax.image.resize(ref_prompt.astype(jnp.float32), (batch, height, width), "linear", antialias=True)
+    probabilities = self._category_probabilities(ref_mask_features)
+    return (weights[..., None] * probabilities).sum((1, 2)) / jnp.maximum(weights.sum((1, 2))[:, None], 1e-6)
+
+  def _match_visual(self, outputs: dict[str, Array], image_features: ImageFeatures, ref_categories: Array):
+    """Adds the category match map to one prompt set's (the visual one's) mask and no-target logits."""
+    match = jnp.einsum("bhwk,bk->bhw", self._category_probabilities(image_features["mask_features"]),
+                       ref_categories)
+    mask_gain, mask_offset, nt_gain, nt_offset = self.category_match
+    mask_logits = outputs["mask_logits"].at[..., 1].add(mask_gain * match + mask_offset)
+    nt_logits = outputs["nt_logits"].at[:, 1].add(nt_gain * match.max(axis=(1, 2)) + nt_offset)
+    return {**outputs, "mask_logits": mask_logits, "nt_logits": nt_logits}
 
 
 # A prompt of one modality for a batch: (tokens (B, L, D) zeroed where absent, mask (B, L), available (B,)).

@@ -20,9 +20,9 @@ import ml_collections
 VARIANTS = ("", "demo", "demo_long")
 STAGES = ("alignment", "visual", "joint")
 # Steps per stage (alignment, visual, joint) for each variant.
-# demo: about 9 minutes on a 2-core CPU with compiles (twice the steps gave the same numbers, RESULTS.md);
+# demo: under 15 minutes on a 2-core CPU with compiles and evaluations (measured in RESULTS.md, 'Demo recipe');
 # demo_long: about 2 hours (not yet measured end to end).
-_STEPS = {"": (40_000, 40_000, 40_000), "demo": (150, 150, 700), "demo_long": (2000, 2000, 10_000)}
+_STEPS = {"": (40_000, 40_000, 40_000), "demo": (300, 300, 900), "demo_long": (2000, 2000, 10_000)}
 
 
 def base_config(variant: str = "") -> ml_collections.ConfigDict:
@@ -55,6 +55,11 @@ def base_config(variant: str = "") -> ml_collections.ConfigDict:
   c.dataset.text_source.split = c.dataset.get_ref("train_split") if demo else "train"  # Split to read.
   c.dataset.text_source.data_dir = c.dataset.get_ref("data_dir")  # Where it is built.
   c.dataset.text_source.modalities = ("text",) if demo else ()  # Keep only these modalities; () keeps all.
+  # Procedural data only (shapes): draw a new scene for every training example instead of cycling the stored
+  # train split, which the demo model memorises within a few epochs (benchmarks/RESULTS.md, 'Demo recipe').
+  c.dataset.text_source.generated = demo
+  # With `generated`: also give each example the category map of its target scene (loss.category_weight).
+  c.dataset.text_source.category_maps = demo
   # Visual-guided training data (stages 2 and 3): OmniRef's visual train split; in the demo the visual and omni
   # examples of shapes (omni examples also carry text, so stage 2 already sees some).
   c.dataset.visual_source = ml_collections.ConfigDict()
@@ -62,6 +67,8 @@ def base_config(variant: str = "") -> ml_collections.ConfigDict:
   c.dataset.visual_source.split = c.dataset.get_ref("train_split")  # Split to read.
   c.dataset.visual_source.data_dir = c.dataset.get_ref("data_dir")  # Where it is built.
   c.dataset.visual_source.modalities = ("visual", "omni") if demo else ()  # Keep only these; () keeps all.
+  c.dataset.visual_source.generated = demo  # As for text_source.
+  c.dataset.visual_source.category_maps = demo  # As for text_source.
 
   c.input = ml_collections.ConfigDict()
   c.input.resolution = 64 if demo else 480  # Square side images and masks are resized to (paper: 480).
@@ -76,18 +83,26 @@ def base_config(variant: str = "") -> ml_collections.ConfigDict:
   # Per-part field overrides of the preset, e.g. {'swin': {'embed_dim': 48}, 'omni_fusion': 'joint'}.
   c.model.overrides = ml_collections.ConfigDict()
   if demo:  # The best of the recipe search on shapes (benchmarks/RESULTS.md, 'Demo recipe').
-    c.model.overrides.mask_decoder = {"num_blocks": 3}  # One block per scale: 3x cheaper than the paper's 9.
+    # One block per scale (3x cheaper than the paper's 9); the prompt's direct paths to the pixels (ours).
+    c.model.overrides.mask_decoder = {"num_blocks": 3, "prompt_kernel": True, "pixel_fusion": True,
+                                      "nt_evidence": True}
+    # Scene parsing of the 8 shape categories from the generated category maps, and visual prompts matched by
+    # category (ours; the visual path matched nothing without them, benchmarks/RESULTS.md).
+    c.model.overrides.num_categories = 8
+    c.model.overrides.category_matching = True
     # Zero the reference's values outside the prompt (the release's option): the visual path learned nothing
     # without it within the demo's steps.
-    c.model.overrides.prompt_encoder = {"mask_values_outside_prompt": True}
+    c.model.overrides.prompt_encoder = {"mask_values_outside_prompt": True, "prototype_queries": True,
+                                        "queries_in_prompt_box": True}
   # HF-format BERT folder the text encoder starts from when a stage starts from scratch; 'minilm' = the shipped
   # all-MiniLM-L6-v2 (demo); the paper uses BERT-base (give its folder); None = random init.
   c.model.text_encoder_checkpoint = "minilm" if demo else ml_collections.config_dict.placeholder(str)
 
   c.loss = _loss_config()
   if demo:  # Small referents (~5% of the image) and an imbalanced no-target label need these on shapes.
-    c.loss.class_weights = (0.5, 2.0)  # (background, foreground): (0.9, 1.1) let an unsure model paint nothing.
-    c.loss.dice_weight = 1.0
+    c.loss.dice_weight = 1.0  # Overlap term on examples with a referent: CE alone let an unsure model paint nothing.
+    c.loss.category_weight = 1.0  # Scene parsing of the generated category maps ...
+    c.loss.category_background_weight = 0.1  # ... weighted towards the objects.
     c.loss.nt_loss = "balanced"  # Each no-target class weighs half of the batch's loss.
     c.loss.nt_weight = 0.5
     c.loss.region_target = "any"

@@ -174,17 +174,24 @@ def _with_leaf(variables, path, value):
   return {"params": params}
 
 
-def test_prompt_kernel_adds_the_pooled_prompt_match_to_the_foreground_only():
-  config = dataclasses.replace(MaskDecoderConfig.tiny_test(), prompt_kernel=True)
+def _with_and_without(option: str):
+  """The tiny decoder with `option` on and the same parameters without it: (inputs, out, plain, option params,
+  the mean of the valid prompt tokens)."""
+  config = dataclasses.replace(MaskDecoderConfig.tiny_test(), **{option: True})
   inputs = _inputs(config)
   variables = MaskDecoder(config).init(jax.random.key(0), *inputs)
-  kernel_params = variables["params"]["prompt_kernel"]
-  plain_params = {k: v for k, v in variables["params"].items() if k != "prompt_kernel"}
+  plain_params = {k: v for k, v in variables["params"].items() if k != option}
   plain = MaskDecoder(MaskDecoderConfig.tiny_test()).apply({"params": plain_params}, *inputs)
   out = MaskDecoder(config).apply(variables, *inputs)
+  _, _, tokens, mask = inputs
+  pooled = (tokens * mask[..., None]).sum(1) / mask.sum(1, keepdims=True)  # the valid tokens only
+  return inputs, out, plain, variables["params"][option], pooled
+
+
+def test_prompt_kernel_adds_the_pooled_prompt_match_to_the_foreground_only():
+  inputs, out, plain, kernel_params, pooled = _with_and_without("prompt_kernel")
   # The kernel, by hand: MLP of the mean of the valid tokens, dotted with the mask features.
-  _, mask_features, tokens, mask = inputs
-  pooled = (tokens * mask[..., None]).sum(1) / mask.sum(1, keepdims=True)
+  mask_features = inputs[1]
   unbox = lambda name: kernel_params[name]  # noqa: E731
   hidden = nn.relu(pooled @ unbox("layers_0")["kernel"].value + unbox("layers_0")["bias"].value)
   kernel = hidden @ unbox("layers_1")["kernel"].value + unbox("layers_1")["bias"].value
@@ -213,16 +220,9 @@ def test_nt_evidence_reads_the_mask_and_region_margins():
 
 
 def test_pixel_fusion_adds_a_prompt_and_position_dependent_term_to_the_foreground_only():
-  config = dataclasses.replace(MaskDecoderConfig.tiny_test(), pixel_fusion=True)
-  inputs = _inputs(config)
-  variables = MaskDecoder(config).init(jax.random.key(0), *inputs)
-  fusion_params = variables["params"]["pixel_fusion"]
-  plain_params = {k: v for k, v in variables["params"].items() if k != "pixel_fusion"}
-  plain = MaskDecoder(MaskDecoderConfig.tiny_test()).apply({"params": plain_params}, *inputs)
-  out = MaskDecoder(config).apply(variables, *inputs)
-  _, mask_features, tokens, mask = inputs
-  pooled = (tokens * mask[..., None]).sum(1) / mask.sum(1, keepdims=True)  # the valid tokens only
-  fusion = mask_decoder.PixelPromptFusion(config.hidden_dim)
+  inputs, out, plain, fusion_params, pooled = _with_and_without("pixel_fusion")
+  mask_features = inputs[1]
+  fusion = mask_decoder.PixelPromptFusion(MaskDecoderConfig.tiny_test().hidden_dim)
   term = fusion.apply({"params": fusion_params}, mask_features, pooled)
   np.testing.assert_allclose(out["mask_logits"][..., 0], plain["mask_logits"][..., 0], rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(out["mask_logits"][..., 1] - plain["mask_logits"][..., 1], term, rtol=1e-4,

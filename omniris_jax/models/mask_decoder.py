@@ -361,15 +361,13 @@ class MaskDecoder(nn.Module):
     else:
       region_weights = region_logits
     target_embed = jnp.einsum("bqa,bqc->bac", region_weights, mask_embed)
+    valid = prompt_mask[..., None].astype(prompt_tokens.dtype)
+    pooled = (prompt_tokens * valid).sum(axis=1) / jnp.maximum(valid.sum(axis=1), 1.0)  # mean of valid tokens
     if cfg.prompt_kernel:
-      valid = prompt_mask[..., None].astype(prompt_tokens.dtype)
-      pooled = (prompt_tokens * valid).sum(axis=1) / jnp.maximum(valid.sum(axis=1), 1.0)
       kernel = _MlpHead(cfg.hidden_dim, cfg.mask_dim, 2, name="prompt_kernel")(pooled)
       target_embed = target_embed.at[:, 1].add(kernel.astype(target_embed.dtype))
     mask_logits = jnp.einsum("bac,bhwc->bhwa", target_embed, mask_features)
     if cfg.pixel_fusion:
-      valid = prompt_mask[..., None].astype(prompt_tokens.dtype)
-      pooled = (prompt_tokens * valid).sum(axis=1) / jnp.maximum(valid.sum(axis=1), 1.0)
       fused = PixelPromptFusion(cfg.hidden_dim, name="pixel_fusion")(mask_features, pooled)
       mask_logits = mask_logits.at[..., 1].add(fused.astype(mask_logits.dtype))
     nt_logits = _MlpHead(cfg.hidden_dim, 2, 2, name="nt_head")(region_features).mean(axis=1)

@@ -42,8 +42,13 @@ Output dict of `__call__` / `decode` (channel 1 = foreground / referent region /
   "mask_logits" (B, H/4, W/4, 2), "region_logits" (B, q, q, 2), "nt_logits" (B, 2)    combined
   "text_mask_logits", "text_region_logits", "text_nt_logits"                          when text inputs are given
   "visual_mask_logits", "visual_region_logits", "visual_nt_logits"                    when visual inputs are given
+  "category_logits" (B, H/4, W/4, 1 + K)  `__call__` only, with the scene-parsing head (`num_categories`)
 Passing `text_ids=None` (or `ref_image=None`) skips that encoder and that decode altogether (e.g. a visual-only
 training stage); the combined outputs are then the other prompt's.
+
+Ours, off by default (the demo turns them on): a scene-parsing head and a category-match prior for visual
+prompts (`num_categories`, `category_matching`; see OmniSegNetConfig). `__call__` applies the prior; callers of
+`encode_image` + `decode` pass `ref_categories=reference_categories(reference mask_features, prompt)`.
 """
 
 from __future__ import annotations

@@ -67,7 +67,7 @@ from omniris_jax.models import layers, swin
 from omniris_jax.models.bert import BertConfig, BertEncoder, load_hf_bert
 from omniris_jax.models.mask_decoder import MaskDecoder, MaskDecoderConfig
 from omniris_jax.models.pixel_encoder import PixelEncoder, PixelEncoderConfig
-from omniris_jax.models.prompt_encoder import OmniPromptEncoder, PromptEncoderConfig
+from omniris_jax.models.prompt_encoder import OmniPromptEncoder, PromptEncoderConfig, prompt_average
 from omniris_jax.models.swin import Swin, SwinConfig
 
 Array = jax.Array
@@ -474,10 +474,11 @@ class OmniSegNet(nn.Module):
     else:
       image_features = self.encode_image(image, deterministic=deterministic)
       if ref_image is not None:
-        visual_tokens, visual_mask = self.encode_visual(ref_image, ref_prompt, deterministic=deterministic)
+        ref_backbone = self._backbone(ref_image, "ref_image", deterministic)  # once, for both uses below
+        visual_tokens, visual_mask = self.prompt_encoder(ref_backbone, ref_prompt, deterministic=deterministic)
         if matching:
-          ref_features = self._pixel_features(self._backbone(ref_image, "ref_image", deterministic), deterministic)
-          ref_categories = self.reference_categories(ref_features["mask_features"], ref_prompt)
+          ref_mask_features = self._pixel_features(ref_backbone, deterministic)["mask_features"]
+          ref_categories = self.reference_categories(ref_mask_features, ref_prompt)
     outputs = self.decode(image_features, text_tokens, text_mask, visual_tokens, visual_mask, has_text,
                           has_visual, ref_categories=ref_categories, deterministic=deterministic)
     if self.config.num_categories:
@@ -494,10 +495,7 @@ class OmniSegNet(nn.Module):
 
   def reference_categories(self, ref_mask_features: Array, ref_prompt: Array) -> Array:
     """(B, K): the reference's category probabilities averaged over its prompt (area-weighted at stride 4)."""
-    batch, height, width, _ = ref_mask_features.shape
-    weights = jax.image.resize(ref_prompt.astype(jnp.float32), (batch, height, width), "linear", antialias=True)
-    probabilities = self._category_probabilities(ref_mask_features)
-    return (weights[..., None] * probabilities).sum((1, 2)) / jnp.maximum(weights.sum((1, 2))[:, None], 1e-6)
+    return prompt_average(self._category_probabilities(ref_mask_features), ref_prompt)
 
   def _match_visual(self, outputs: dict[str, Array], image_features: ImageFeatures, ref_categories: Array):
     """Adds the category match map to one prompt set's (the visual one's) mask and no-target logits."""

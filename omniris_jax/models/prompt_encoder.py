@@ -190,6 +190,18 @@ def prompt_box(prompt: Array) -> tuple[Array, Array]:
   return jnp.stack([x0, y0], -1), jnp.stack([x1 - x0, y1 - y0], -1)
 
 
+def prompt_average(features: Array, prompt: Array) -> Array:
+  """(B, h, w, C) features averaged under a (B, H, W) prompt of any size -> (B, C).
+
+  Each cell weighs the fraction of it the prompt covers (an antialiased resize of the prompt: area-like weights
+  at any size ratio): few-shot segmentation's masked average pooling.
+  """
+  batch, height, width, _ = features.shape
+  coverage = jax.image.resize(prompt.astype(jnp.float32), (batch, height, width), "linear", antialias=True)
+  return ((coverage[..., None] * features).sum((1, 2))
+          / jnp.maximum(coverage.sum((1, 2))[:, None], 1e-6)).astype(features.dtype)
+
+
 def _nearest_resize(prompt: Array, height: int, width: int) -> Array:
   """F.interpolate(mode='nearest') of (B, H, W): output pixel i reads input pixel floor(i * H / height)."""
   rows = np.floor(np.arange(height) * prompt.shape[1] / height).astype(np.int32)
@@ -290,9 +302,7 @@ class OmniPromptEncoder(nn.Module):
               "image's resolution (the one the image encoder saw).")
         x = x + embedding if cfg.fusion == "add" else x * embedding
       if cfg.prototype_queries:
-        # Fraction of each cell the prompt covers (antialiased resize = area-like weights at any size).
-        coverage = jax.image.resize(prompt, (batch, height, width), "linear", antialias=True)[..., None]
-        prototypes.append((coverage * x).sum((1, 2)) / jnp.maximum(coverage.sum((1, 2)), 1e-6))
+        prototypes.append(prompt_average(x, prompt))
       x = x + level_embed[level]
       spatial_shapes.append((height, width))
       levels.append(x.reshape(batch, height * width, cfg.hidden_dim))

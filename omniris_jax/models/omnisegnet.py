@@ -276,7 +276,8 @@ class EarlyFusionSwin(nn.Module):
     """Like `swin.Swin.__call__`; prompt_tokens (B, L, D) with prompt_mask (B, L) are fused after every stage."""
     config = self.config
     dtype = jnp.dtype(config.dtype)
-    x = swin.PatchEmbedding(config.embed_dim, config.patch_size, dtype=dtype, name="patch_embed")(images)
+    x = swin.PatchEmbedding(config.embed_dim, config.patch_size, dtype=dtype, conv_stem=config.conv_stem,
+                           name="patch_embed")(images)
     total_blocks = sum(config.depths)
     rates = [config.drop_path_rate * i / max(total_blocks - 1, 1) for i in range(total_blocks)]
     outputs = {}

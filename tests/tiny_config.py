@@ -36,7 +36,8 @@ def get_config(arg: str = "alignment"):
     c.eval.preview_per_split = 1
     c.model.preset = "tiny_test"
     c.model.text_encoder_checkpoint = None
-    c.model.overrides = {"bert": {"vocab_size": 30522}, "num_categories": 8, "category_matching": True}
+    c.model.overrides = {"bert": {"vocab_size": 30522}, "swin": {"conv_stem": True}, "num_categories": 8,
+                         "category_matching": True}
     c.optimizer.warmup_steps = 1
     c.total_steps = 6
     c.log_every = 2

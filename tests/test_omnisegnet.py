@@ -390,3 +390,36 @@ def test_category_matching_adds_the_reference_category_match_to_the_visual_promp
   np.testing.assert_allclose(with_prior["text_mask_logits"], without["text_mask_logits"], atol=1e-6)
   with pytest.raises(ValueError, match="num_categories"):
     OmniSegNetConfig.tiny_test(category_matching=True)
+
+
+def test_category_matching_with_a_reference_of_another_size_equals_the_public_methods_composed():
+  """A reference of another size than the target takes its own encoder path (not the batched one); its result
+  must be what encode_image + encode_visual + reference_categories + decode give."""
+  model = OmniSegNet(OmniSegNetConfig.tiny_test(num_categories=3, category_matching=True))
+  batch = _batch()
+  small = SIZE * 3 // 4
+  batch = {**batch, "ref_image": jax.image.resize(batch["ref_image"].astype(jnp.float32), (BATCH, small, small, 3),
+                                                  "linear"),
+           "ref_prompt": (jax.image.resize(batch["ref_prompt"], (BATCH, small, small), "linear") > 0.5
+                          ).astype(jnp.float32)}
+  params = nn.unbox(jax.jit(model.init)(jax.random.key(1), **batch)["params"])
+  params["category_match"] = jnp.array([1.5, -0.5, -2.0, 0.25])
+
+  @jax.jit
+  def both(variables):
+    full = model.apply(variables, **batch)
+    call = lambda method, *args, **kwargs: model.apply(variables, *args, method=method, **kwargs)  # noqa: E731
+    image_features = call(OmniSegNet.encode_image, batch["image"])
+    text = call(OmniSegNet.encode_text, batch["text_ids"], batch["text_attention_mask"])
+    visual = call(OmniSegNet.encode_visual, batch["ref_image"], batch["ref_prompt"])
+    ref_categories = call(OmniSegNet.reference_categories,
+                          call(OmniSegNet.encode_image, batch["ref_image"])["mask_features"], batch["ref_prompt"])
+    composed = call(OmniSegNet.decode, image_features, *text, *visual, batch["has_text"], batch["has_visual"],
+                    ref_categories=ref_categories)
+    unmatched = call(OmniSegNet.decode, image_features, *text, *visual, batch["has_text"], batch["has_visual"])
+    return full, composed, unmatched
+
+  full, composed, unmatched = both({"params": params})
+  for name in composed:
+    np.testing.assert_allclose(full[name], composed[name], rtol=1e-4, atol=1e-4, err_msg=name)
+  assert not np.allclose(full["visual_mask_logits"], unmatched["visual_mask_logits"], atol=1e-3)  # the prior acts

@@ -5,10 +5,14 @@ format directly: a TFRecord stream (length, masked CRC-32C of the length, payloa
 of `Event` protocol buffers (wall_time, step, summary{value{tag, simple_value}}), hand-encoded (a few fields of
 two small messages). TensorBoard reads the files as usual (`tensorboard --logdir WORKDIR`). The same scalars go
 to `metrics.csv` (step, tag, value), which `plot_learning_curves` turns into a PNG.
+
+Plot a finished or running workdir's stages one after the other (the key scalars by default):
+  python -m omniris_jax.summaries WORKDIR --out curves.png [--tags train/loss eval/text_test/cIoU ...]
 """
 
 from __future__ import annotations
 
+import argparse
 import csv
 import os
 import socket
@@ -264,3 +268,43 @@ def plot_learning_curves(csv_paths: Mapping[str, str], path: str, tags: tuple[st
   figure.tight_layout()
   figure.savefig(path, dpi=100)
   plt.close(figure)
+
+
+# The panels `python -m omniris_jax.summaries` draws by default (those a run has).
+DEFAULT_TAGS = ("train/loss", "train/category_loss", "train/nt_accuracy",
+                "eval/text_test/cIoU", "eval/visual_test/cIoU", "eval/omni_test/cIoU",
+                "eval/text_test/N_acc", "eval/visual_test/N_acc", "eval/omni_test/N_acc")
+_STAGE_ORDER = ("alignment", "visual", "joint")
+
+
+def stage_csvs(workdir: str) -> dict[str, str]:
+  """stage name -> its metrics.csv, for the stages of `workdir` that have one, in training order."""
+  names = [name for name in sorted(os.listdir(workdir))
+           if os.path.isfile(os.path.join(workdir, name, "tensorboard", "metrics.csv"))]
+  names.sort(key=lambda name: (_STAGE_ORDER.index(name) if name in _STAGE_ORDER else len(_STAGE_ORDER), name))
+  return {name: os.path.join(workdir, name, "tensorboard", "metrics.csv") for name in names}
+
+
+def main(argv: list[str] | None = None) -> None:
+  parser = argparse.ArgumentParser(prog="python -m omniris_jax.summaries",
+                                   description="Plot the learning curves of a workdir's stages, one after the other.")
+  parser.add_argument("workdir", help="the --workdir of a run (holds <stage>/tensorboard/metrics.csv)")
+  parser.add_argument("--out", default=None, help="PNG to write (default: WORKDIR/learning_curves.png)")
+  parser.add_argument("--tags", nargs="*", default=None,
+                      help=f"scalars to plot, one panel each (default: those of {DEFAULT_TAGS} the run has)")
+  args = parser.parse_args(argv)
+  csvs = stage_csvs(args.workdir) if os.path.isdir(args.workdir) else {}
+  if not csvs:
+    parser.error(f"{args.workdir!r} holds no <stage>/tensorboard/metrics.csv; give the --workdir of a run.")
+  out = args.out or os.path.join(args.workdir, "learning_curves.png")
+  present = {tag for path in csvs.values() for tag in read_csv(path)}
+  tags = tuple(args.tags) if args.tags else tuple(tag for tag in DEFAULT_TAGS if tag in present)
+  missing = [tag for tag in tags if tag not in present]
+  if missing:
+    parser.error(f"no stage of {args.workdir!r} has the scalars {missing}; it has {sorted(present)}.")
+  plot_learning_curves(csvs, out, tags or None)
+  print(f"Wrote {out}: {', '.join(tags) or 'every scalar'} over the stages {', '.join(csvs)}.")
+
+
+if __name__ == "__main__":
+  main()

@@ -562,6 +562,7 @@ def run_stages(config: Any, workdir: str) -> dict[str, Any]:
   results[config.stage] = train_and_evaluate(config, workdir)
   if jax.process_index() == 0 and len(results) > 1:
     csvs = {name: os.path.join(workdir, name, "tensorboard", "metrics.csv") for name in results}
-    summaries.plot_learning_curves(csvs, os.path.join(workdir, "learning_curves.png"))
-    print(f"Wrote {os.path.join(workdir, 'learning_curves.png')} (all stages).", flush=True)
+    summaries.plot_learning_curves(csvs, os.path.join(workdir, "learning_curves.png"), summaries.DEFAULT_TAGS)
+    print(f"Wrote {os.path.join(workdir, 'learning_curves.png')} (the key scalars of all stages; each stage's own "
+          "learning_curves.png has all of its scalars).", flush=True)
   return results

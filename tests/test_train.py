@@ -81,6 +81,19 @@ def test_scalars_are_in_tensorboard_event_files_and_the_csv(trained):
   assert series["train/loss"][-1][1] == pytest.approx(scalars[6]["train/loss"], rel=1e-6)
 
 
+def test_the_plot_command_draws_a_workdirs_stages_and_names_what_is_wrong(trained, tmp_path, capsys):
+  workdir, _ = trained
+  out = tmp_path / "curves.png"
+  summaries.main([str(workdir), "--out", str(out), "--tags", "train/loss", "eval/text_test/cIoU"])
+  assert out.stat().st_size > 5_000 and "over the stages alignment" in capsys.readouterr().out
+  with pytest.raises(SystemExit):
+    summaries.main([str(workdir), "--tags", "train/no_such_scalar"])
+  assert "train/no_such_scalar" in capsys.readouterr().err
+  with pytest.raises(SystemExit):
+    summaries.main([str(tmp_path / "not_a_run")])
+  assert "holds no <stage>/tensorboard/metrics.csv" in capsys.readouterr().err
+
+
 def test_checkpoints_follow_the_schedule(trained):
   workdir, _ = trained
   steps = sorted(int(name) for name in os.listdir(os.path.join(workdir, "alignment", "checkpoints"))

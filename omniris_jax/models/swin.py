@@ -217,8 +217,9 @@ def _drop_path(module: nn.Module, x: Array, rate: float, deterministic: bool) ->
 class PatchEmbedding(nn.Module):
   """Non-overlapping patch_size x patch_size patches -> embed_dim channels (strided conv), then LayerNorm.
 
-  With `conv_stem`, log2(patch_size) overlapping 3x3 stride-2 convolutions (widths embed_dim / 2**k, ...,
-  embed_dim, GELU after each) and a 1x1 projection replace the strided conv: params `stem{i}/`, `projection/`.
+  With `conv_stem`, n = log2(patch_size) overlapping 3x3 stride-2 convolutions (widths embed_dim / 2**(n-1), ...,
+  embed_dim / 2, embed_dim, each at least 8; GELU after each) and a 1x1 projection replace the strided conv:
+  params `stem{i}/`, `projection/`.
   """
 
   embed_dim: int

@@ -274,11 +274,11 @@ def test_omni_rule_function_accepts_and_rejects_as_the_paper_says():
 def test_building_twice_gives_identical_files(built, tmp_path):
   manual_dir, data_dir, _, _, _ = built
   _build(tmp_path, manual_dir)
-  names = sorted(p.name for p in (tmp_path / "omniref" / "rebuilt" / "1.0.0").iterdir() if "array_record" in p.name)
+  names = sorted(p.name for p in (tmp_path / "omniref" / "rebuilt" / str(builder_lib.Builder.VERSION)).iterdir() if "array_record" in p.name)
   assert len(names) == len(SPLITS)
   for name in names:
-    assert ((data_dir / "omniref" / "rebuilt" / "1.0.0" / name).read_bytes() ==
-            (tmp_path / "omniref" / "rebuilt" / "1.0.0" / name).read_bytes()), name
+    assert ((data_dir / "omniref" / "rebuilt" / str(builder_lib.Builder.VERSION) / name).read_bytes() ==
+            (tmp_path / "omniref" / "rebuilt" / str(builder_lib.Builder.VERSION) / name).read_bytes()), name
 
 
 def test_worker_processes_give_the_same_examples_in_the_same_order(built):

@@ -224,7 +224,7 @@ def test_test_split_prompts_are_the_same_in_every_build(built, tmp_path):
     for first, second in zip(examples[split], again[split]):
       assert first["ref_image_id"] == second["ref_image_id"] and first["prompt_type"] == second["prompt_type"]
       np.testing.assert_array_equal(first["ref_scribble"], second["ref_scribble"])
-  version_dir = os.path.join("omniref", "released", "1.0.0")
+  version_dir = os.path.join("omniref", "released", str(builder_lib.Builder.VERSION))
   names = sorted(n for n in os.listdir(os.path.join(data_dir, version_dir)) if "array_record" in n)
   assert len(names) == len(SPLITS)
   for name in names:

@@ -61,14 +61,26 @@ class OmnirefConfig(tfds.core.BuilderConfig):
                        f"got {self.rebuilt!r}.")
 
 
+# The shapes configs' own version: their examples change with the generator, the real datasets' do not.
+_SHAPES_VERSION = "1.1.0"
+_SHAPES_RELEASE_NOTES = {
+    "1.0.0": "First release of the procedural scenes.",
+    "1.1.0": "No-target text prompts are worded like the targeted ones (colour, size, position, category "
+             "groups, conjunctions); in 1.0.0, 95% of them read 'the <colour> <category>', which gave the answer "
+             "away. Visual prompts are unchanged.",
+}
 SHAPES = OmnirefConfig(
     name="shapes",
+    version=_SHAPES_VERSION,
+    release_notes=_SHAPES_RELEASE_NOTES,
     description="Procedural OmniRIS scenes (128x128): 3000 train, 300 per test split; no download.",
     source="shapes",
     shapes=shapes_lib.ShapesConfig(),
 )
 SHAPES_TINY = OmnirefConfig(
     name="shapes_tiny",
+    version=_SHAPES_VERSION,
+    release_notes=_SHAPES_RELEASE_NOTES,
     description="Procedural OmniRIS scenes (64x64), 18 train and 9 per test split, for tests.",
     source="shapes",
     shapes=shapes_lib.ShapesConfig(image_size=64, num_train=18, num_text_test=9, num_visual_test=9,
@@ -93,7 +105,7 @@ REBUILT = OmnirefConfig(
 class Builder(tfds.core.GeneratorBasedBuilder):
   """OmniRIS dataset builder; the data contract is `features.omniris_features()`."""
 
-  VERSION = tfds.core.Version("1.0.0")
+  VERSION = tfds.core.Version("1.0.0")  # of `released` and `rebuilt`; `shapes*` carry their own (_SHAPES_VERSION)
   RELEASE_NOTES = {
       "1.0.0": "First release: the OmniRIS feature spec and the procedural `shapes` and `shapes_tiny` configs.",
   }

@@ -58,7 +58,7 @@ def test_info_has_the_feature_spec_description_citation_and_release_notes(built)
   assert set(builder.info.features.keys()) == set(features_lib.omniris_features().keys())
   assert "Omni-Referring" in builder.info.description
   assert "Omni-Referring Image Segmentation" in builder.info.citation
-  assert str(builder.info.version) in builder_lib.Builder.RELEASE_NOTES
+  assert str(builder.info.version) in builder.builder_config.release_notes  # shapes* carry their own version
   assert builder.builder_config.name == "shapes_tiny"
 
 
@@ -198,12 +198,12 @@ def test_building_twice_gives_identical_bytes(built, tmp_path):
     first = [e["image"].tobytes() + e["ref_scribble"].tobytes() for e in builder.as_data_source(split=split)]
     second = [e["image"].tobytes() + e["ref_scribble"].tobytes() for e in again.as_data_source(split=split)]
     assert first == second, split
-  files = sorted(p.name for p in (tmp_path / "omniref" / "shapes_tiny" / "1.0.0").iterdir()
+  files = sorted(p.name for p in (tmp_path / "omniref" / "shapes_tiny" / str(builder_lib.SHAPES_TINY.version)).iterdir()
                  if "array_record" in p.name)
   assert len(files) == len(SPLITS)
   for name in files:
-    original = (data_dir / "omniref" / "shapes_tiny" / "1.0.0" / name).read_bytes()
-    assert original == (tmp_path / "omniref" / "shapes_tiny" / "1.0.0" / name).read_bytes(), name
+    original = (data_dir / "omniref" / "shapes_tiny" / str(builder_lib.SHAPES_TINY.version) / name).read_bytes()
+    assert original == (tmp_path / "omniref" / "shapes_tiny" / str(builder_lib.SHAPES_TINY.version) / name).read_bytes(), name
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -269,7 +269,7 @@ def test_build_command_builds_without_the_tfds_cli(tmp_path, capsys):
   from tfds_omniref import build  # pylint: disable=g-import-not-at-top
   build.main(["--config", "shapes_tiny", "--data_dir", str(tmp_path)])
   assert "'omni_test': 9" in capsys.readouterr().out
-  assert len(list((tmp_path / "omniref" / "shapes_tiny" / "1.0.0").glob("*.array_record-*"))) == len(SPLITS)
+  assert len(list((tmp_path / "omniref" / "shapes_tiny" / str(builder_lib.SHAPES_TINY.version)).glob("*.array_record-*"))) == len(SPLITS)
   with pytest.raises(SystemExit):  # argparse names the valid choices on stderr
     build.main(["--config", "shapez", "--data_dir", str(tmp_path)])
 

@@ -390,16 +390,80 @@ def multi_expressions(scene: Layout, size: int) -> list[Expression]:
   return expressions
 
 
-def absent_expressions(scene: Layout) -> list[Expression]:
-  """Expressions whose referent is not in the scene: an absent category, or a present one in an absent colour."""
+def absent_single_expressions(scene: Layout) -> list[Expression]:
+  """Expressions worded like `single_expressions` whose referent is not in the scene: a present category in an
+  absent colour or size, or an absent category by name, colour or position."""
   expressions = []
   present = scene.categories()
   for category, name in enumerate(CATEGORY_NAMES):
-    colours = {scene.objects[i].colour for i in scene.instances_of(category)}
-    if category not in present:
-      expressions += [Expression(f"the {name}", ()), Expression(f"every {name}", ())]
+    instances = [scene.objects[i] for i in scene.instances_of(category)]
+    colours = {obj.colour for obj in instances}
     expressions += [Expression(f"the {colour} {name}", ()) for colour in _COLOUR_NAMES if colour not in colours]
+    if category in present:
+      sizes = {obj.size for obj in instances}
+      expressions += [Expression(f"the {size} {name}", ()) for size in ("small", "big") if size not in sizes]
+    else:
+      expressions += [Expression(f"the {name}", ())]
+      expressions += [Expression(phrase.format(name), ()) for phrase in (
+          "the leftmost {}", "the rightmost {}", "the topmost {}", "the lowest {}",
+          "the {} on the left", "the {} on the right", "the upper {}", "the lower {}")]
   return expressions
+
+
+def absent_multi_expressions(scene: Layout) -> list[Expression]:
+  """Expressions worded like `multi_expressions` that refer to nothing in the scene: an absent category or
+  colour group, or two absent referents joined by "and"."""
+  expressions = []
+  present = scene.categories()
+  for category, name in enumerate(CATEGORY_NAMES):
+    plural = _PLURALS[name]
+    if category not in present:
+      expressions += [Expression(f"every {name}", ()), Expression(f"all the {plural}", ())]
+    colours = {scene.objects[i].colour for i in scene.instances_of(category)}
+    expressions += [Expression(f"the {colour} {plural}", ()) for colour in _COLOUR_NAMES if colour not in colours]
+  scene_colours = {obj.colour for obj in scene.objects}
+  expressions += [Expression(f"every {colour} shape", ()) for colour in _COLOUR_NAMES if colour not in scene_colours]
+  singles = absent_single_expressions(scene)
+  half = len(singles) // 2
+  for first, second in zip(singles[:half], singles[half:]):  # a fixed sample of pairs, not all n**2 of them
+    if first.text.split()[-1] != second.text.split()[-1]:
+      expressions.append(Expression(f"{first.text} and {second.text}", ()))
+  return expressions
+
+
+def absent_expressions(scene: Layout) -> list[Expression]:
+  """Every no-target expression `_plan` draws from: `absent_single_expressions` + `absent_multi_expressions`."""
+  return absent_single_expressions(scene) + absent_multi_expressions(scene)
+
+
+# How often a single-target-like no-target prompt is worded by each attribute, about as often as the
+# single-target prompts are (position words include "the <category>" of an absent category).
+_ABSENT_SINGLE_WORDING = (("position", 0.45), ("colour", 0.4), ("size", 0.15))
+
+
+def _wording(expression: Expression) -> str:
+  """'colour', 'size' or 'position': the attribute word of a single-target-like expression."""
+  words = expression.text.split()
+  if len(words) == 3 and words[1] in COLOURS:
+    return "colour"
+  if len(words) == 3 and words[1] in ("small", "big"):
+    return "size"
+  return "position"
+
+
+def _pick_absent(rng: np.random.Generator, scene: Layout) -> Expression | None:
+  """A no-target expression worded like a targeted one, so that the wording alone cannot tell that the
+  referent is absent. Half are worded like a single-target prompt: by position, colour or size about as often
+  as those are, three in four colour ones naming a present category in a wrong colour. Half are worded like a
+  multi-target prompt: three in four joined by "and", as the multi-target prompts are."""
+  if rng.random() < 0.5:
+    singles = absent_single_expressions(scene)
+    wordings = [(name, weight) for name, weight in _ABSENT_SINGLE_WORDING
+                if any(_wording(e) == name for e in singles)]
+    weights = np.array([weight for _, weight in wordings])
+    wording = wordings[int(rng.choice(len(wordings), p=weights / weights.sum()))][0]
+    return _pick(rng, [e for e in singles if _wording(e) == wording], lambda e: _hard_negative(scene, e))
+  return _pick(rng, absent_multi_expressions(scene), lambda e: " and " in e.text)
 
 
 def _pick(rng: np.random.Generator, expressions: Sequence[Expression], preferred=None) -> Expression | None:
@@ -419,7 +483,7 @@ def _has_distractor(scene: Layout, expression: Expression) -> bool:
 
 
 def _hard_negative(scene: Layout, expression: Expression) -> bool:
-  """True for an absent referent whose category is present (only the colour word makes it absent)."""
+  """True for an absent referent whose category is present (only a colour or size word makes it absent)."""
   return any(CATEGORY_NAMES[c] in expression.text for c in scene.categories())
 
 
@@ -469,7 +533,7 @@ def _plan(rng: np.random.Generator, scene: Layout, modality: str, target: str,
     elif target == "multi":
       chosen = _pick(rng, multi_expressions(scene, size), lambda e: " and " in e.text)
     else:
-      chosen = _pick(rng, absent_expressions(scene), lambda e: _hard_negative(scene, e))
+      chosen = _pick_absent(rng, scene)
     return None if chosen is None else (chosen, None)
 
   if modality == "visual":
@@ -485,7 +549,7 @@ def _plan(rng: np.random.Generator, scene: Layout, modality: str, target: str,
     text = _pick(rng, [e for e in single_expressions(scene, size) if e.referents == (only,)])
     return text, category
   if target == "none":  # both referents absent
-    return _pick(rng, absent_expressions(scene), lambda e: _hard_negative(scene, e)), int(rng.choice(absent))
+    return _pick_absent(rng, scene), int(rng.choice(absent))
   # Multi: different categories, or one category whose instances the two prompts jointly cover.
   if multiples_in_scene and rng.random() < 0.4:
     category = int(rng.choice(multiples_in_scene))

@@ -67,15 +67,50 @@ def test_text_words_match_the_referred_objects(generated):
           assert obj.size == size_word, (example["id"], text)
 
 
+def _candidates(scene: shapes.Layout, phrase: str) -> list[int]:
+  """The objects a phrase's category (name, plural or 'shape'), colour and size words all fit; position words
+  are not read, so an absent referent must already be absent by those words."""
+  words = phrase.split()
+  names = {name: c for c, name in enumerate(shapes.CATEGORY_NAMES)}
+  names.update({shapes._PLURALS[name]: c for name, c in list(names.items())})  # pylint: disable=protected-access
+  categories = [names[w] for w in words if w in names]
+  assert categories or "shape" in words, phrase
+  return [i for i, obj in enumerate(scene.objects)
+          if (not categories or obj.category == categories[0])
+          and all(obj.colour == w for w in words if w in _COLOUR_WORDS)
+          and all(obj.size == w for w in words if w in ("small", "big"))]
+
+
 def test_no_target_text_names_something_absent(generated):
+  checked = 0
   for _, example, scene in generated:
     if not example["no_target"] or not example["text"]:
       continue
-    words = example["text"].split()
-    category = next(c for c, name in enumerate(shapes.CATEGORY_NAMES) if name in words)
-    colours = [w for w in words if w in _COLOUR_WORDS]
-    matches = [o for o in scene.objects if o.category == category and (not colours or o.colour == colours[0])]
-    assert not matches, (example["id"], example["text"])
+    for phrase in example["text"].split(" and "):
+      assert not _candidates(scene, phrase), (example["id"], example["text"])
+    checked += 1
+  assert checked >= 20
+
+
+def test_the_wording_of_a_text_prompt_does_not_tell_whether_its_referent_is_absent():
+  """The no-target prompts use the targeted prompts' templates: on every template with enough examples, at
+  most about half are no-target (a third overall). Worded apart, a model could call no-target unseen."""
+  config = shapes.ShapesConfig(num_train=9, num_text_test=300, num_visual_test=3, num_omni_test=3)
+  def template(text: str) -> str:
+    words = text.split()
+    if " and " in text:
+      return "conjunction"
+    if len(words) == 3 and words[1] in _COLOUR_WORDS:
+      return "colour"
+    if len(words) == 3 and words[1] in ("small", "big"):
+      return "size"
+    return "other"
+  counts: dict[str, list[int]] = {}
+  for index in range(config.num_text_test):
+    example = shapes.generate_example(config, "text_test", index)
+    counts.setdefault(template(example["text"]), [0, 0])[int(bool(example["no_target"]))] += 1
+  for name, (targeted, absent) in counts.items():
+    assert absent <= 0.55 * (targeted + absent) and targeted <= 0.8 * (targeted + absent), (name, counts)
 
 
 def test_visual_referent_is_every_instance_of_the_reference_category(generated):
@@ -138,8 +173,13 @@ def test_expressions_on_a_hand_made_layout():
   assert multis["every circle"] == (0, 1) and multis["all the circles"] == (0, 1)
   assert multis["the red circle and the square"] == (0, 2)
   absent = {e.text for e in shapes.absent_expressions(layout)}
-  assert {"the green circle", "the star", "every star"} <= absent
-  assert not {"the red circle", "the square", "the green square"} & absent
+  assert {"the green circle", "the star", "every star", "the small square", "the leftmost star",
+          "the green circles", "every cyan shape"} <= absent
+  assert not {"the red circle", "the square", "the green square", "the big square", "every red shape"} & absent
+  assert any(" and " in text for text in absent)
+  for text in absent:
+    for phrase in text.split(" and "):
+      assert not _candidates(layout, phrase), text
 
 
 def test_same_seed_same_example_and_other_seeds_differ():

@@ -9,7 +9,7 @@ Variants (`--config=configs/joint.py:demo`):
   ''          the paper's recipe on real data (Swin-B, BERT-base, 480x480, batch 64, lr 1e-5)
   'demo'      small Swin + the real pretrained MiniLM text encoder on the synthetic `shapes` data, for a 2-core
               CPU; `joint.py:demo` runs all three stages from one command
-  'demo_long' the demo model on a longer schedule (about 2 hours on the 2-core CPU)
+  'demo_long' the demo model on a longer schedule (about 1.5 hours on the 2-core CPU)
 One field can be overridden from the command line, e.g. `--config.input.batch_size=16`.
 """
 
@@ -22,7 +22,7 @@ STAGES = ("alignment", "visual", "joint")
 # Steps per stage (alignment, visual, joint) for each variant.
 # demo: under 15 minutes on a 2-core CPU with compiles and evaluations (measured in RESULTS.md, 'Demo recipe');
 # stage 1 is the longest because the scene parsing that visual prompts are matched by is learned there.
-# demo_long: under 2 hours (RESULTS.md, 'demo_long').
+# demo_long: 90 minutes measured on a 2-core CPU (RESULTS.md, 'demo_long').
 _STEPS = {"": (40_000, 40_000, 40_000), "demo": (1200, 300, 900), "demo_long": (4000, 2000, 12_000)}
 
 

@@ -274,7 +274,7 @@ def plot_learning_curves(csv_paths: Mapping[str, str], path: str, tags: tuple[st
 DEFAULT_TAGS = ("train/loss", "train/category_loss", "train/nt_accuracy",
                 "eval/text_test/cIoU", "eval/visual_test/cIoU", "eval/omni_test/cIoU",
                 "eval/text_test/N_acc", "eval/visual_test/N_acc", "eval/omni_test/N_acc")
-_STAGE_ORDER = ("alignment", "visual", "joint")
+_STAGE_ORDER = ("alignment", "visual", "joint")  # configs/common.py STAGES (configs are loaded by path)
 
 
 def stage_csvs(workdir: str) -> dict[str, str]:

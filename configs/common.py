@@ -22,9 +22,8 @@ STAGES = ("alignment", "visual", "joint")
 # Steps per stage (alignment, visual, joint) for each variant.
 # demo: under 15 minutes on a 2-core CPU with compiles and evaluations (measured in RESULTS.md, 'Demo recipe');
 # stage 1 is the longest because the scene parsing that visual prompts are matched by is learned there.
-# demo_long: a long stage 1, where text referring is learned at twice the speed of stage 3 (text only, no
-# reference-image pass); measured on a 2-core CPU in RESULTS.md, 'demo_long'.
-_STEPS = {"": (40_000, 40_000, 40_000), "demo": (2000, 300, 900), "demo_long": (10_000, 2000, 12_000)}
+# demo_long: 90 minutes measured on a 2-core CPU (RESULTS.md, 'demo_long').
+_STEPS = {"": (40_000, 40_000, 40_000), "demo": (2000, 300, 900), "demo_long": (4000, 2000, 12_000)}
 
 
 def base_config(variant: str = "") -> ml_collections.ConfigDict:

@@ -29,10 +29,6 @@ def get_config(arg: str = ""):
   c.mix_ratio = (7, 2)  # ... 7 text-guided : 2 visual-guided examples (paper Table 5's best).
   c.prompts = ("text", "visual")  # Both prompt encoders.
   c.total_steps = common.stage_steps(arg, "joint")  # Optimiser steps of this stage.
-  if arg == "demo_long":
-    # Half the demo's peak: stage 3 starts from trained parameters, and at 1e-3 its restart undid 2000 steps of
-    # stage 2's visual accuracy (RESULTS.md, 'demo_long' on shapes 1.0.0).
-    c.optimizer.learning_rate = 5e-4
   if arg.startswith("demo"):
     c.run_before = ("alignment", "visual")  # One command runs the whole regime.
     c.stage_configs = {"alignment": alignment.get_config(arg), "visual": visual.get_config(arg)}

@@ -58,7 +58,8 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Modu
                tx: optax.GradientTransformation, loss_config: Any, seed: int,
                learning_rate_fn: Callable[[jax.Array], jax.Array] | None = None,
                prompts: tuple[str, ...] = ("text", "visual"),
-               loss_fn: LossFn | None = None) -> tuple[TrainState, dict[str, jax.Array]]:
+               loss_fn: LossFn | None = None,
+               frozen: Any = None) -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimiser step on one global batch.
 
   Args:
@@ -71,6 +72,10 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Modu
     learning_rate_fn: logged as `learning_rate` when given.
     prompts: which prompt encoders run ('text', 'visual'); see `model_inputs`.
     loss_fn: (outputs, batch, loss_config) -> (loss, metrics); default `losses.compute_losses`.
+    frozen: a tree of bools shaped like the parameters (optim.frozen_mask), True where `tx` freezes the leaf;
+      None: all trainable. Frozen leaves are not differentiated and come back as the very buffers they were
+      (the demo's frozen 22.6M-parameter MiniLM is 87% of its parameters: its weight gradients, their norm and
+      the update's copy of it would otherwise cost more than the rest of the step).
 
   Returns:
     (the new state, scalar metrics: loss, the loss's own terms, grad_norm, learning_rate, nonfinite).
@@ -78,20 +83,37 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Modu
   loss_fn = loss_fn or _default_loss_fn()
   dropout_rng = jax.random.fold_in(jax.random.PRNGKey(seed), state.step)
 
-  def objective(params):
-    outputs = model.apply({"params": params}, **model_inputs(batch, prompts), deterministic=False,
-                          rngs={"dropout": dropout_rng})
+  leaves, treedef = jax.tree.flatten(state.params)
+  is_frozen = [False] * len(leaves) if frozen is None else treedef.flatten_up_to(frozen)
+  trained = [i for i, f in enumerate(is_frozen) if not f]
+
+  def with_trained(trained_leaves):
+    merged = list(leaves)
+    for i, leaf in zip(trained, trained_leaves):
+      merged[i] = leaf
+    return treedef.unflatten(merged)
+
+  def objective(trained_leaves):
+    outputs = model.apply({"params": with_trained(trained_leaves)}, **model_inputs(batch, prompts),
+                          deterministic=False, rngs={"dropout": dropout_rng})
     loss, loss_metrics = loss_fn(outputs, batch, loss_config)
     return loss, loss_metrics
 
-  (loss, loss_metrics), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
-  grad_norm = optax.global_norm(grads)
+  (loss, loss_metrics), trained_grads = jax.value_and_grad(objective, has_aux=True)([leaves[i] for i in trained])
+  grad_norm = optax.global_norm(trained_grads)
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-  updates, new_opt_state = tx.update(grads, state.opt_state, state.params)
-  new_params = optax.apply_updates(state.params, updates)
+  # The optimiser sees a full gradient tree; its frozen branch (optax.set_to_zero) never reads these zeros.
+  grads = [jnp.zeros_like(leaf) for leaf in leaves]
+  for i, grad in zip(trained, trained_grads):
+    grads[i] = grad
+  updates, new_opt_state = tx.update(treedef.unflatten(grads), state.opt_state, state.params)
+  update_leaves = treedef.flatten_up_to(updates)
   # Skip the update when anything is NaN/inf: the caller stops, and the state is still the last good one.
   keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
-  new_state = TrainState(step=state.step + 1, params=keep(new_params, state.params),
+  new_leaves = list(leaves)
+  for i in trained:
+    new_leaves[i] = keep(optax.apply_updates(leaves[i], update_leaves[i]), leaves[i])
+  new_state = TrainState(step=state.step + 1, params=treedef.unflatten(new_leaves),
                          opt_state=keep(new_opt_state, state.opt_state))
   metrics = {"loss": loss, "grad_norm": grad_norm, "nonfinite": (~finite).astype(jnp.int32), **loss_metrics}
   if learning_rate_fn is not None:

@@ -410,7 +410,8 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
   batch_sharding = sharding.batch_sharding(mesh)
   train_fn = jax.jit(
       functools.partial(steps.train_step, model=model, tx=tx, loss_config=config.loss, seed=config.seed,
-                        learning_rate_fn=learning_rate_fn, prompts=prompts),
+                        learning_rate_fn=learning_rate_fn, prompts=prompts,
+                        frozen=optim.frozen_mask(shapes.params, tuple(config.optimizer.schedule))),
       in_shardings=(state_shardings, batch_sharding), out_shardings=(state_shardings, None), donate_argnums=0)
   eval_fn = jax.jit(functools.partial(steps.eval_step, model=model),
                     in_shardings=(state_shardings.params, batch_sharding))

@@ -63,13 +63,19 @@ def make_batch(step, batch_size=8, size=16):
           "no_target": rng.random(batch_size) > 0.5}
 
 
-def train_losses(mesh_config, num_steps=3, loss_fn=cross_entropy_loss):
-  """Losses of `num_steps` steps on the mesh, and the state (built with the trainer's sharding recipe)."""
+def train_losses(mesh_config, num_steps=3, loss_fn=cross_entropy_loss, schedule=None, pass_frozen=False):
+  """Losses of `num_steps` steps on the mesh, and the state (built with the trainer's sharding recipe).
+
+  `schedule` replaces the demo optimiser's freeze rules; `pass_frozen` hands train_step their frozen mask (as
+  train.py does) instead of differentiating every parameter.
+  """
   mesh = sharding.make_mesh(mesh_config)
   rules = sharding.make_rules(common.base_config("demo").sharding.rules)
   model = TinySegmenter()
   optimizer_config = common.base_config("demo").optimizer
   optimizer_config.warmup_steps = 0
+  if schedule is not None:
+    optimizer_config.schedule = schedule
   tx, _ = optim.make_optimizer(optimizer_config, total_steps=10)
   sample = jax.tree.map(lambda x: jnp.asarray(x[:1]), make_batch(0))
   inputs = steps.model_inputs(sample)
@@ -82,15 +88,17 @@ def train_losses(mesh_config, num_steps=3, loss_fn=cross_entropy_loss):
     abstract = jax.eval_shape(init_boxed, jax.random.PRNGKey(0))
     shardings = sharding.state_shardings(abstract, mesh, rules)
     state = jax.jit(lambda rng: nn.unbox(init_boxed(rng)), out_shardings=shardings)(jax.random.PRNGKey(0))
+    frozen = optim.frozen_mask(sharding.plain(abstract).params, tuple(optimizer_config.schedule)) if pass_frozen else None
     step_fn = jax.jit(functools.partial(steps.train_step, model=model, tx=tx, loss_config=None, seed=0,
-                                        loss_fn=loss_fn),
+                                        loss_fn=loss_fn, frozen=frozen),
                       in_shardings=(shardings, sharding.batch_sharding(mesh)), out_shardings=(shardings, None),
                       donate_argnums=0)
+    initial = jax.tree.map(np.asarray, state.params)
     losses = []
     for step in range(num_steps):
       state, metrics = step_fn(state, sharding.global_batch(make_batch(step), mesh))
       losses.append(float(metrics["loss"]))
-  return losses, state, metrics
+  return losses, state, metrics, initial
 
 
 @pytest.fixture(scope="module")
@@ -101,13 +109,13 @@ def one_device():
 @pytest.mark.parametrize("mesh_config", [{"data": 4, "fsdp": 1, "model": 2}, {"data": 8, "fsdp": 1, "model": 1},
                                          {"data": 2, "fsdp": 4, "model": 1}])
 def test_sharded_training_gives_the_losses_of_one_device(one_device, mesh_config):
-  losses, state, _ = train_losses(mesh_config)
+  losses, state, _, _ = train_losses(mesh_config)
   np.testing.assert_allclose(losses, one_device[0], rtol=2e-5)
   assert len(state.params["mask_head"]["kernel"].sharding.device_set) == 8
 
 
 def test_large_parameters_are_really_sharded():
-  _, state, _ = train_losses({"data": 2, "fsdp": 2, "model": 2}, num_steps=1)
+  _, state, _, _ = train_losses({"data": 2, "fsdp": 2, "model": 2}, num_steps=1)
   kernel = state.params["mlp"]["fc1"]["kernel"]  # (embed 16, mlp 64): embed on fsdp, mlp on model
   shard_shape = kernel.addressable_shards[0].data.shape
   assert np.prod(shard_shape) * 4 == np.prod(kernel.shape), (kernel.shape, shard_shape, kernel.sharding)
@@ -124,7 +132,7 @@ def test_nonfinite_loss_skips_the_update_and_raises_the_flag():
     loss, metrics = cross_entropy_loss(outputs, batch, config)
     return loss * jnp.nan, metrics
 
-  _, state, metrics = train_losses({"data": 8, "fsdp": 1, "model": 1}, num_steps=1, loss_fn=nan_loss)
+  _, state, metrics, _ = train_losses({"data": 8, "fsdp": 1, "model": 1}, num_steps=1, loss_fn=nan_loss)
   assert int(metrics["nonfinite"]) == 1
   assert int(state.step) == 1 and all(np.isfinite(x).all() for x in jax.tree.leaves(state.params))
 
@@ -144,3 +152,20 @@ def test_batch_that_does_not_divide_the_data_parallel_size_fails_with_the_number
 def test_vocab_rule_must_replicate():
   with pytest.raises(ValueError, match="'vocab' must map to None"):
     sharding.make_rules((("vocab", "model"),))
+
+
+FREEZE_WORDS = (("Embed_0/.*", None), (".*", "default"))
+
+
+def test_frozen_parameters_are_not_differentiated_and_come_back_unchanged():
+  """train.py passes the frozen mask: the trained leaves move exactly as when every leaf is differentiated."""
+  mesh_config = {"data": 8, "fsdp": 1, "model": 1}
+  all_losses, all_state, all_metrics, initial = train_losses(mesh_config, schedule=FREEZE_WORDS)
+  losses, state, metrics, _ = train_losses(mesh_config, schedule=FREEZE_WORDS, pass_frozen=True)
+  np.testing.assert_array_equal(state.params["Embed_0"]["embedding"], initial["Embed_0"]["embedding"])
+  assert not np.array_equal(state.params["mlp"]["fc1"]["kernel"], initial["mlp"]["fc1"]["kernel"])
+  np.testing.assert_allclose(losses, all_losses, rtol=1e-6)
+  for (path, new), old in zip(jax.tree_util.tree_leaves_with_path(state.params), jax.tree.leaves(all_state.params)):
+    np.testing.assert_allclose(new, old, rtol=1e-5, atol=1e-7, err_msg=jax.tree_util.keystr(path))
+  # The logged norm is the norm the optimiser clips: the frozen table's gradient is not in it.
+  assert float(metrics["grad_norm"]) < float(all_metrics["grad_norm"])

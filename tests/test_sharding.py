@@ -88,7 +88,9 @@ def train_losses(mesh_config, num_steps=3, loss_fn=cross_entropy_loss, schedule=
     abstract = jax.eval_shape(init_boxed, jax.random.PRNGKey(0))
     shardings = sharding.state_shardings(abstract, mesh, rules)
     state = jax.jit(lambda rng: nn.unbox(init_boxed(rng)), out_shardings=shardings)(jax.random.PRNGKey(0))
-    frozen = optim.frozen_mask(sharding.plain(abstract).params, tuple(optimizer_config.schedule)) if pass_frozen else None
+    frozen = None
+    if pass_frozen:
+      frozen = optim.frozen_mask(sharding.plain(abstract).params, tuple(optimizer_config.schedule))
     step_fn = jax.jit(functools.partial(steps.train_step, model=model, tx=tx, loss_config=None, seed=0,
                                         loss_fn=loss_fn, frozen=frozen),
                       in_shardings=(shardings, sharding.batch_sharding(mesh)), out_shardings=(shardings, None),

@@ -87,14 +87,15 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Modu
   is_frozen = [False] * len(leaves) if frozen is None else treedef.flatten_up_to(frozen)
   trained = [i for i, f in enumerate(is_frozen) if not f]
 
-  def with_trained(trained_leaves):
-    merged = list(leaves)
-    for i, leaf in zip(trained, trained_leaves):
-      merged[i] = leaf
+  def with_trained(base, trained_values):
+    """The tree of `base` leaves with the trained positions replaced by `trained_values`."""
+    merged = list(base)
+    for i, value in zip(trained, trained_values):
+      merged[i] = value
     return treedef.unflatten(merged)
 
   def objective(trained_leaves):
-    outputs = model.apply({"params": with_trained(trained_leaves)}, **model_inputs(batch, prompts),
+    outputs = model.apply({"params": with_trained(leaves, trained_leaves)}, **model_inputs(batch, prompts),
                           deterministic=False, rngs={"dropout": dropout_rng})
     loss, loss_metrics = loss_fn(outputs, batch, loss_config)
     return loss, loss_metrics
@@ -103,18 +104,14 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Modu
   grad_norm = optax.global_norm(trained_grads)
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
   # The optimiser sees a full gradient tree; its frozen branch (optax.set_to_zero) never reads these zeros.
-  grads = [jnp.zeros_like(leaf) for leaf in leaves]
-  for i, grad in zip(trained, trained_grads):
-    grads[i] = grad
-  updates, new_opt_state = tx.update(treedef.unflatten(grads), state.opt_state, state.params)
+  grads = with_trained([jnp.zeros_like(leaf) for leaf in leaves], trained_grads)
+  updates, new_opt_state = tx.update(grads, state.opt_state, state.params)
   update_leaves = treedef.flatten_up_to(updates)
   # Skip the update when anything is NaN/inf: the caller stops, and the state is still the last good one.
   keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
-  new_leaves = list(leaves)
-  for i in trained:
-    new_leaves[i] = keep(optax.apply_updates(leaves[i], update_leaves[i]), leaves[i])
-  new_state = TrainState(step=state.step + 1, params=treedef.unflatten(new_leaves),
-                         opt_state=keep(new_opt_state, state.opt_state))
+  new_params = with_trained(leaves, [keep(optax.apply_updates(leaves[i], update_leaves[i]), leaves[i])
+                                     for i in trained])
+  new_state = TrainState(step=state.step + 1, params=new_params, opt_state=keep(new_opt_state, state.opt_state))
   metrics = {"loss": loss, "grad_norm": grad_norm, "nonfinite": (~finite).astype(jnp.int32), **loss_metrics}
   if learning_rate_fn is not None:
     metrics["learning_rate"] = learning_rate_fn(state.step)

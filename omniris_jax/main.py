@@ -24,6 +24,11 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, results, eve
 _MULTIHOST = flags.DEFINE_bool("multihost", False, "Call jax.distributed.initialize() before anything else "
                                "(one process per host; coordinator from the environment).")
 _CHECK_PIPELINE = flags.DEFINE_bool("check_pipeline", False, "Also draw and time a few training batches.")
+_COMPILATION_CACHE = flags.DEFINE_string(
+    "compilation_cache_dir", "~/.cache/omniris_jax/jax_compilation_cache",
+    "JAX's persistent compilation cache: a later stage or run whose step compiles to the same program loads it "
+    "instead of compiling (the demo's joint stage reuses its visual stage's step, every evaluation after the "
+    "first reuses the first's). '' turns it off; JAX_COMPILATION_CACHE_DIR, when set, is used instead.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -88,6 +93,8 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)
   import jax  # pylint: disable=g-import-not-at-top
 
+  if _COMPILATION_CACHE.value and not jax.config.jax_compilation_cache_dir:
+    jax.config.update("jax_compilation_cache_dir", os.path.expanduser(_COMPILATION_CACHE.value))
   if _MULTIHOST.value:
     jax.distributed.initialize()
   from omniris_jax import train  # pylint: disable=g-import-not-at-top

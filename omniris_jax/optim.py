@@ -11,16 +11,20 @@ error.) Frozen parameters go through `optax.set_to_zero` inside `optax.multi_tra
 moments at all: stage 2 of the paper (text encoder frozen) keeps BERT's 22M parameters out of the optimiser
 state. Weight decay skips the paths that match `config.optimizer.no_decay` (norms, biases, embeddings,
 relative-position and other learnable tables, as the paper and Swin/BERT practice do). Global-norm clipping (the
-release clips at 0.01) is computed over the trainable gradients only.
+release clips at 0.01) is computed over the trainable gradients only. The learning-rate schedule reads the stage's
+length from the optimiser state (`scale_by_stage_schedule`), so stages that differ only in length share one
+compiled train step.
 """
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Sequence
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import optax
 from flax import linen as nn
 
@@ -86,17 +90,69 @@ def decay_mask(params: Any, no_decay: Sequence[str] = DEFAULT_NO_DECAY) -> Any:
                    params)
 
 
+def warmup_polynomial(step: Any, total_steps: Any, *, learning_rate: float, warmup_steps: int = 0,
+                      power: float = 1.0, end_learning_rate: float = 0.0) -> jax.Array:
+  """Linear warmup from 0 over `warmup_steps`, then polynomial decay to `end_learning_rate` at `total_steps`.
+
+  The values of optax's join_schedules([linear_schedule(0, lr, warmup), polynomial_schedule(lr, end, power,
+  total - warmup)], [warmup]); `step` and `total_steps` may be traced arrays (see `scale_by_stage_schedule`).
+  """
+  step = jnp.asarray(step, jnp.float32)
+  decay_steps = jnp.maximum(jnp.asarray(total_steps, jnp.float32) - warmup_steps, 1.0)
+  warmup = learning_rate * step / max(warmup_steps, 1)
+  fraction_left = 1.0 - jnp.clip(step - warmup_steps, 0.0, decay_steps) / decay_steps
+  decay = (learning_rate - end_learning_rate) * fraction_left ** power + end_learning_rate
+  return jnp.where(step < warmup_steps, warmup, decay)
+
+
 def learning_rate_schedule(*, learning_rate: float, total_steps: int, warmup_steps: int = 0, power: float = 1.0,
                            end_learning_rate: float = 0.0) -> optax.Schedule:
-  """Linear warmup from 0 over `warmup_steps`, then polynomial decay to `end_learning_rate` at `total_steps`."""
+  """`warmup_polynomial` for a stage of `total_steps`, as a function of the step (for logging and plots)."""
   if total_steps < 1 or not 0 <= warmup_steps <= total_steps:
     raise ValueError(f"{total_steps=} must be >= 1 and {warmup_steps=} in [0, total_steps].")
-  decay = optax.polynomial_schedule(init_value=learning_rate, end_value=end_learning_rate, power=power,
-                                    transition_steps=max(total_steps - warmup_steps, 1))
-  if warmup_steps == 0:
-    return decay
-  warmup = optax.linear_schedule(0.0, learning_rate, warmup_steps)
-  return optax.join_schedules([warmup, decay], [warmup_steps])
+  return functools.partial(warmup_polynomial, total_steps=total_steps, learning_rate=learning_rate,
+                           warmup_steps=warmup_steps, power=power, end_learning_rate=end_learning_rate)
+
+
+class StageScheduleState(NamedTuple):
+  """Where the learning-rate schedule stands: `count` updates done of a stage of `total_steps`."""
+  count: jax.Array  # int32 scalar
+  total_steps: jax.Array  # int32 scalar
+
+
+def scale_by_stage_schedule(schedule: Callable[[jax.Array, jax.Array], jax.Array],
+                            total_steps: int) -> optax.GradientTransformation:
+  """optax.scale_by_learning_rate(lambda count: schedule(count, total_steps)), with `total_steps` in the state.
+
+  Kept as state rather than closed over, the stage's length is an input of the compiled train step instead of a
+  constant inside it, so stages that differ only in length (the demo's visual and joint stages) compile to the
+  same program, which JAX's persistent compilation cache then compiles once.
+  """
+
+  def init_fn(params):
+    del params
+    return StageScheduleState(count=jnp.zeros([], jnp.int32), total_steps=jnp.asarray(total_steps, jnp.int32))
+
+  def update_fn(updates, state, params=None):
+    del params
+    step_size = -schedule(state.count, state.total_steps)
+    updates = jax.tree.map(lambda g: jnp.asarray(step_size, g.dtype) * g, updates)
+    return updates, StageScheduleState(count=optax.safe_increment(state.count), total_steps=state.total_steps)
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+def with_total_steps(opt_state: Any, total_steps: int) -> Any:
+  """`opt_state` with every StageScheduleState's stage length set to `total_steps` (same device placement).
+
+  A run resumed with a changed `total_steps` decays to the new end, as the config says, not the checkpoint's.
+  """
+  def update(node):
+    if not isinstance(node, StageScheduleState):
+      return node
+    return node._replace(total_steps=jax.device_put(jnp.asarray(total_steps, jnp.int32),
+                                                    node.total_steps.sharding))
+  return jax.tree.map(update, opt_state, is_leaf=lambda node: isinstance(node, StageScheduleState))
 
 
 def make_optimizer(config: Any, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
@@ -111,15 +167,18 @@ def make_optimizer(config: Any, total_steps: int) -> tuple[optax.GradientTransfo
   Returns:
     (the optax transformation, the schedule step -> learning rate, for logging).
   """
-  schedule_fn = learning_rate_schedule(learning_rate=config.learning_rate, total_steps=total_steps,
-                                       warmup_steps=config.warmup_steps, power=config.power,
-                                       end_learning_rate=config.end_learning_rate)
+  hyper = dict(learning_rate=config.learning_rate, warmup_steps=config.warmup_steps, power=config.power,
+               end_learning_rate=config.end_learning_rate)
+  schedule_fn = learning_rate_schedule(total_steps=total_steps, **hyper)  # validates the numbers
   no_decay = tuple(config.no_decay)
-  trainable = [optax.adamw(schedule_fn, b1=config.b1, b2=config.b2, eps=config.eps,
-                           weight_decay=config.weight_decay, mask=lambda params: decay_mask(params, no_decay))]
+  rules = tuple((pattern, rule) for pattern, rule in config.schedule)
+  # AdamW (optax.adamw's chain: Adam moments, decoupled weight decay, learning rate), here with the stage's
+  # length kept in the optimiser state (scale_by_stage_schedule).
+  trainable = [optax.scale_by_adam(b1=config.b1, b2=config.b2, eps=config.eps),
+               optax.add_decayed_weights(config.weight_decay, mask=lambda params: decay_mask(params, no_decay)),
+               scale_by_stage_schedule(functools.partial(warmup_polynomial, **hyper), total_steps)]
   if config.grad_clip_norm is not None:
     trainable.insert(0, optax.clip_by_global_norm(config.grad_clip_norm))
-  rules = tuple((pattern, rule) for pattern, rule in config.schedule)
   tx = optax.multi_transform({TRAINABLE: optax.chain(*trainable), FROZEN: optax.set_to_zero()},
                              lambda params: map_paths(lambda path: group_of(path, rules), params))
   return tx, schedule_fn

@@ -56,7 +56,6 @@ def _default_loss_fn() -> LossFn:
 
 def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Module,
                tx: optax.GradientTransformation, loss_config: Any, seed: int,
-               learning_rate_fn: Callable[[jax.Array], jax.Array] | None = None,
                prompts: tuple[str, ...] = ("text", "visual"),
                loss_fn: LossFn | None = None,
                frozen: Any = None) -> tuple[TrainState, dict[str, jax.Array]]:
@@ -69,7 +68,6 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Modu
     tx: the optimiser (optim.make_optimizer).
     loss_config: `config.loss`, passed to the loss function.
     seed: the run's seed; dropout keys are fold_in(PRNGKey(seed), step).
-    learning_rate_fn: logged as `learning_rate` when given.
     prompts: which prompt encoders run ('text', 'visual'); see `model_inputs`.
     loss_fn: (outputs, batch, loss_config) -> (loss, metrics); default `losses.compute_losses`.
     frozen: a tree of bools shaped like the parameters (optim.frozen_mask), True where `tx` freezes the leaf;
@@ -78,7 +76,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Modu
       update over it cost 19-23% of a demo step, `benchmarks/train_step.py --compare_all_leaves`).
 
   Returns:
-    (the new state, scalar metrics: loss, the loss's own terms, grad_norm, learning_rate, nonfinite).
+    (the new state, scalar metrics: loss, the loss's own terms, grad_norm, nonfinite).
   """
   loss_fn = loss_fn or _default_loss_fn()
   dropout_rng = jax.random.fold_in(jax.random.PRNGKey(seed), state.step)
@@ -113,8 +111,6 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Modu
                                      for i in trained])
   new_state = TrainState(step=state.step + 1, params=new_params, opt_state=keep(new_opt_state, state.opt_state))
   metrics = {"loss": loss, "grad_norm": grad_norm, "nonfinite": (~finite).astype(jnp.int32), **loss_metrics}
-  if learning_rate_fn is not None:
-    metrics["learning_rate"] = learning_rate_fn(state.step)
   return new_state, metrics
 
 

@@ -410,7 +410,7 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
   batch_sharding = sharding.batch_sharding(mesh)
   train_fn = jax.jit(
       functools.partial(steps.train_step, model=model, tx=tx, loss_config=config.loss, seed=config.seed,
-                        learning_rate_fn=learning_rate_fn, prompts=prompts,
+                        prompts=prompts,
                         frozen=optim.frozen_mask(shapes.params, tuple(config.optimizer.schedule))),
       in_shardings=(state_shardings, batch_sharding), out_shardings=(state_shardings, None), donate_argnums=0)
   eval_fn = jax.jit(functools.partial(steps.eval_step, model=model),
@@ -425,7 +425,9 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
                                        async_save=config.async_checkpointing)
   # Outside the mesh context: every sharding is explicit here (and the HF importer unboxes abstract values).
   state = checkpointing.restore_latest(manager, abstract_state, train_iter, log=log)
-  if state is None:
+  if state is not None:
+    state = state.replace(opt_state=optim.with_total_steps(state.opt_state, config.total_steps))
+  else:
     params = jax.jit(lambda rng: nn.unbox(init_params(rng)), out_shardings=state_shardings.params)(init_rng)
     if config.init_from:
       init_dir = config.init_from if os.path.isabs(config.init_from) else os.path.join(
@@ -498,6 +500,8 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
       pending.append((step, step_metrics, np.asarray(batch["index"])))
       if step % config.log_every == 0 or step == config.total_steps or step == start_step + 1:
         values = check_pending()
+        # On the host: the schedule's numbers stay out of the compiled step (optim.scale_by_stage_schedule).
+        values["learning_rate"] = float(learning_rate_fn(step - 1))
         writer.scalars(step, {f"train/{key}": value for key, value in values.items() if key != "nonfinite"})
         now = time.perf_counter()
         rate = (step - timer_step) / max(now - timer_start, 1e-9)

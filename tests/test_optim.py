@@ -101,3 +101,76 @@ def test_clipping_bounds_the_first_update():
 def test_a_path_that_matches_no_rule_is_named():
   with pytest.raises(ValueError, match="matches no regex.*end the schedule with"):
     optim.frozen_mask(_params(), (("text_encoder/.*", None),))
+
+
+@pytest.mark.parametrize("warmup_steps,power,end", [(2, 1.0, 0.0), (0, 0.9, 0.01), (10, 2.0, 0.0)])
+def test_schedule_matches_optax_warmup_then_polynomial_decay(warmup_steps, power, end):
+  ours = optim.learning_rate_schedule(learning_rate=0.1, total_steps=10, warmup_steps=warmup_steps, power=power,
+                                      end_learning_rate=end)
+  decay = optax.polynomial_schedule(init_value=0.1, end_value=end, power=power,
+                                    transition_steps=max(10 - warmup_steps, 1))
+  reference = decay if warmup_steps == 0 else optax.join_schedules(
+      [optax.linear_schedule(0.0, 0.1, warmup_steps), decay], [warmup_steps])
+  steps = range(0, 14)
+  np.testing.assert_allclose([float(ours(s)) for s in steps], [float(reference(s)) for s in steps],
+                             rtol=1e-6, atol=1e-9)
+
+
+def _reference_adamw(config, total_steps):
+  """The same optimiser from optax's own parts: clip, adamw with its schedule and decay mask, frozen groups."""
+  schedule = optax.join_schedules(
+      [optax.linear_schedule(0.0, config.learning_rate, config.warmup_steps),
+       optax.polynomial_schedule(config.learning_rate, config.end_learning_rate, config.power,
+                                 total_steps - config.warmup_steps)], [config.warmup_steps])
+  trainable = optax.chain(optax.clip_by_global_norm(config.grad_clip_norm),
+                          optax.adamw(schedule, b1=config.b1, b2=config.b2, eps=config.eps,
+                                      weight_decay=config.weight_decay, mask=optim.decay_mask))
+  labels = lambda params: optim.map_paths(lambda path: optim.group_of(path, config.schedule), params)  # noqa: E731
+  return optax.multi_transform({optim.TRAINABLE: trainable, optim.FROZEN: optax.set_to_zero()}, labels)
+
+
+def test_updates_match_optax_adamw_with_clipping_and_frozen_groups():
+  config = _config(grad_clip_norm=1.0, schedule=(("text_encoder/.*", None), (".*", "default")))
+  tx, _ = optim.make_optimizer(config, total_steps=10)
+  reference = _reference_adamw(config, total_steps=10)
+  params = reference_params = _params()
+  state, reference_state = tx.init(params), reference.init(params)
+  for step in range(5):
+    grads = jax.tree.map(lambda x, s=step: jnp.sin(x * (s + 1)), params)
+    updates, state = tx.update(grads, state, params)
+    expected, reference_state = reference.update(grads, reference_state, reference_params)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-8), updates, expected)
+    params = reference_params = optax.apply_updates(params, updates)
+
+
+def test_stages_of_different_lengths_compile_to_one_program():
+  """The stage length is optimiser state, not a constant of the step (the demo's joint stage reuses the compiled
+  visual stage), yet each stage still follows its own schedule."""
+  params = _params()
+  grads = jax.tree.map(jnp.ones_like, params)
+  programs, updates = [], []
+  for total_steps in (10, 30):
+    tx, _ = optim.make_optimizer(_config(warmup_steps=2), total_steps=total_steps)
+    update = jax.jit(lambda g, s, p, tx=tx: tx.update(g, s, p)[0])
+    state = tx.init(params)
+    for _ in range(5):  # into the decay, where the two schedules differ
+      state = tx.update(grads, state, params)[1]
+    programs.append(update.lower(grads, state, params).as_text(debug_info=False))
+    updates.append(update(grads, state, params))
+  assert programs[0] == programs[1]
+  kernel = ("pixel_encoder", "output_conv", "kernel")
+  assert not np.allclose(_leaf(updates[0], kernel), _leaf(updates[1], kernel))
+
+
+def test_a_resumed_state_follows_the_configured_stage_length():
+  params = _params()
+  grads = jax.tree.map(jnp.ones_like, params)
+  short, _ = optim.make_optimizer(_config(warmup_steps=0), total_steps=10)
+  long, _ = optim.make_optimizer(_config(warmup_steps=0), total_steps=40)
+  state_short, state_long = short.init(params), long.init(params)
+  for _ in range(4):
+    state_short = short.update(grads, state_short, params)[1]
+    state_long = long.update(grads, state_long, params)[1]
+  resumed = optim.with_total_steps(state_short, 40)
+  jax.tree.map(np.testing.assert_array_equal, long.update(grads, resumed, params)[0],
+               long.update(grads, state_long, params)[0])

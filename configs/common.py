@@ -20,7 +20,8 @@ import ml_collections
 VARIANTS = ("", "demo", "demo_long")
 STAGES = ("alignment", "visual", "joint")
 # Steps per stage (alignment, visual, joint) for each variant.
-# demo: under 15 minutes on a 2-core CPU with compiles and evaluations (measured in RESULTS.md, 'Demo recipe');
+# demo: about 13 minutes on a quick day of a 2-core VM, 29 on a slow one, compiles and evaluations
+# included (RESULTS.md, 'Demo recipe' and 'Where a demo step's time goes');
 # stage 1 is the longest because the scene parsing that visual prompts are matched by is learned there.
 # demo_long: 90 minutes measured on a 2-core CPU (RESULTS.md, 'demo_long').
 _STEPS = {"": (40_000, 40_000, 40_000), "demo": (2000, 300, 900), "demo_long": (4000, 2000, 12_000)}

@@ -125,8 +125,8 @@ def scale_by_stage_schedule(schedule: Callable[[jax.Array, jax.Array], jax.Array
   """optax.scale_by_learning_rate(lambda count: schedule(count, total_steps)), with `total_steps` in the state.
 
   Kept as state rather than closed over, the stage's length is an input of the compiled train step instead of a
-  constant inside it, so stages that differ only in length (the demo's visual and joint stages) compile to the
-  same program, which JAX's persistent compilation cache then compiles once.
+  constant inside it: stages that differ only in length (the demo's visual and joint stages) lower to the same
+  program, and JAX's persistent compilation cache compiles it once.
   """
 
   def init_fn(params):

@@ -103,14 +103,20 @@ def test_a_path_that_matches_no_rule_is_named():
     optim.frozen_mask(_params(), (("text_encoder/.*", None),))
 
 
+def _optax_schedule(learning_rate, total_steps, warmup_steps, power, end):
+  """The reference: optax's linear warmup joined to its polynomial decay."""
+  decay = optax.polynomial_schedule(init_value=learning_rate, end_value=end, power=power,
+                                    transition_steps=max(total_steps - warmup_steps, 1))
+  if warmup_steps == 0:
+    return decay
+  return optax.join_schedules([optax.linear_schedule(0.0, learning_rate, warmup_steps), decay], [warmup_steps])
+
+
 @pytest.mark.parametrize("warmup_steps,power,end", [(2, 1.0, 0.0), (0, 0.9, 0.01), (10, 2.0, 0.0)])
 def test_schedule_matches_optax_warmup_then_polynomial_decay(warmup_steps, power, end):
   ours = optim.learning_rate_schedule(learning_rate=0.1, total_steps=10, warmup_steps=warmup_steps, power=power,
                                       end_learning_rate=end)
-  decay = optax.polynomial_schedule(init_value=0.1, end_value=end, power=power,
-                                    transition_steps=max(10 - warmup_steps, 1))
-  reference = decay if warmup_steps == 0 else optax.join_schedules(
-      [optax.linear_schedule(0.0, 0.1, warmup_steps), decay], [warmup_steps])
+  reference = _optax_schedule(0.1, 10, warmup_steps, power, end)
   steps = range(0, 14)
   np.testing.assert_allclose([float(ours(s)) for s in steps], [float(reference(s)) for s in steps],
                              rtol=1e-6, atol=1e-9)
@@ -118,10 +124,8 @@ def test_schedule_matches_optax_warmup_then_polynomial_decay(warmup_steps, power
 
 def _reference_adamw(config, total_steps):
   """The same optimiser from optax's own parts: clip, adamw with its schedule and decay mask, frozen groups."""
-  schedule = optax.join_schedules(
-      [optax.linear_schedule(0.0, config.learning_rate, config.warmup_steps),
-       optax.polynomial_schedule(config.learning_rate, config.end_learning_rate, config.power,
-                                 total_steps - config.warmup_steps)], [config.warmup_steps])
+  schedule = _optax_schedule(config.learning_rate, total_steps, config.warmup_steps, config.power,
+                             config.end_learning_rate)
   trainable = optax.chain(optax.clip_by_global_norm(config.grad_clip_norm),
                           optax.adamw(schedule, b1=config.b1, b2=config.b2, eps=config.eps,
                                       weight_decay=config.weight_decay, mask=optim.decay_mask))

@@ -29,6 +29,10 @@ _COMPILATION_CACHE = flags.DEFINE_string(
     "JAX's persistent compilation cache: a later stage or run whose step compiles to the same program loads it "
     "instead of compiling (the demo's joint stage reuses its visual stage's step, every evaluation after the "
     "first reuses the first's). '' turns it off; JAX_COMPILATION_CACHE_DIR, when set, is used instead.")
+_COMPILATION_CACHE_MAX_MB = flags.DEFINE_integer(
+    "compilation_cache_max_mb", 1024,
+    "Size cap of that cache in MiB; JAX evicts the least recently used programs beyond it (a demo run writes "
+    "about 20 MiB). -1: no cap; JAX_COMPILATION_CACHE_MAX_SIZE (bytes), when set, is used instead.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -86,6 +90,21 @@ def prepare_data(config, workdir: str, *, time_pipeline: bool = True) -> None:
         f"(worker_count={config.input.worker_count}).", flush=True)
 
 
+def configure_compilation_cache(directory: str, max_mb: int) -> None:
+  """Turns on JAX's persistent compilation cache in `directory` ('' = off), capped at `max_mb` MiB (-1 = no cap).
+
+  JAX's own settings win: a JAX_COMPILATION_CACHE_DIR or JAX_COMPILATION_CACHE_MAX_SIZE in the environment (or an
+  earlier `jax.config.update`) is left as it is.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+
+  if not directory or jax.config.jax_compilation_cache_dir:
+    return
+  jax.config.update("jax_compilation_cache_dir", os.path.expanduser(directory))
+  if max_mb >= 0 and "JAX_COMPILATION_CACHE_MAX_SIZE" not in os.environ:
+    jax.config.update("jax_compilation_cache_max_size", max_mb * 2**20)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
@@ -93,8 +112,7 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)
   import jax  # pylint: disable=g-import-not-at-top
 
-  if _COMPILATION_CACHE.value and not jax.config.jax_compilation_cache_dir:
-    jax.config.update("jax_compilation_cache_dir", os.path.expanduser(_COMPILATION_CACHE.value))
+  configure_compilation_cache(_COMPILATION_CACHE.value, _COMPILATION_CACHE_MAX_MB.value)
   if _MULTIHOST.value:
     jax.distributed.initialize()
   from omniris_jax import train  # pylint: disable=g-import-not-at-top

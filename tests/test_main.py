@@ -43,3 +43,24 @@ def test_unknown_dataset_and_variant_are_named():
     prepare.ensure_built("omniref/nope", None)
   with pytest.raises(ValueError, match="Unknown config variant 'dmeo'"):
     joint.get_config("dmeo")
+
+
+
+def test_compilation_cache_is_turned_on_and_capped(tmp_path):
+  # A fresh interpreter: JAX reads its cache settings once, when the first program is compiled.
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  cache = tmp_path / "cache"
+  script = f"""
+import jax, jax.numpy as jnp
+from omniris_jax import main
+main.configure_compilation_cache({str(cache)!r}, max_mb=3)
+assert jax.config.jax_compilation_cache_dir == {str(cache)!r}, jax.config.jax_compilation_cache_dir
+assert jax.config.jax_compilation_cache_max_size == 3 * 2**20, jax.config.jax_compilation_cache_max_size
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+jax.jit(lambda x: jnp.tanh(x @ x))(jnp.ones((8, 8))).block_until_ready()
+"""
+  env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_COMPILATION_CACHE")}
+  subprocess.run([sys.executable, "-c", script], check=True, env=env,
+                 cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  assert [p for p in cache.iterdir() if p.name.endswith("-cache")], "nothing was written to the cache"

@@ -9,7 +9,7 @@ Variants (`--config=configs/joint.py:demo`):
   ''          the paper's recipe on real data (Swin-B, BERT-base, 480x480, batch 64, lr 1e-5)
   'demo'      small Swin + the real pretrained MiniLM text encoder on the synthetic `shapes` data, for a 2-core
               CPU; `joint.py:demo` runs all three stages from one command
-  'demo_long' the demo model on a longer schedule (about 1.5 hours on the 2-core CPU)
+  'demo_long' the demo model on a longer schedule (1.5 h on a quick day of the 2-core CPU, 2 h 15 min on a slow one)
 One field can be overridden from the command line, e.g. `--config.input.batch_size=16`.
 """
 
@@ -23,7 +23,7 @@ STAGES = ("alignment", "visual", "joint")
 # demo: about 13 minutes on a quick day of a 2-core VM, 29 on a slow one, compiles and evaluations
 # included (RESULTS.md, 'Demo recipe' and 'Where a demo step's time goes');
 # stage 1 is the longest because the scene parsing that visual prompts are matched by is learned there.
-# demo_long: 90 minutes measured on a 2-core CPU (RESULTS.md, 'demo_long').
+# demo_long: 90 minutes on a quick day of a 2-core CPU, about 2 h 15 min on a slow one (RESULTS.md, 'demo_long').
 _STEPS = {"": (40_000, 40_000, 40_000), "demo": (2000, 300, 900), "demo_long": (4000, 2000, 12_000)}
 
 

@@ -45,7 +45,6 @@ def test_unknown_dataset_and_variant_are_named():
     joint.get_config("dmeo")
 
 
-
 def test_compilation_cache_is_turned_on_and_capped(tmp_path):
   # A fresh interpreter: JAX reads its cache settings once, when the first program is compiled.
   import subprocess  # pylint: disable=g-import-not-at-top

@@ -542,10 +542,12 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
 # The fields a stage file sets for itself; every other field of a stage run by `run_stages` comes from the config
 # given on the command line, so one override (`--config.input.batch_size=8`) applies to every stage.
 STAGE_FIELDS = ("stage", "init_from", "train_data", "mix_ratio", "prompts", "total_steps", "run_before")
+# ... and the `optimizer` fields it sets for itself: what is frozen, and the peak learning rate.
+STAGE_OPTIMIZER_FIELDS = ("schedule", "learning_rate")
 
 
 def stage_config(config: Any, name: str) -> Any:
-  """`config.stage_configs[name]` with every shared field (all but STAGE_FIELDS and the freezing schedule)
+  """`config.stage_configs[name]` with every shared field (all but STAGE_FIELDS and STAGE_OPTIMIZER_FIELDS)
   taken from `config`."""
   stage = config.stage_configs[name]
   merged = config.copy_and_resolve_references()
@@ -553,7 +555,8 @@ def stage_config(config: Any, name: str) -> Any:
     del merged["stage_configs"]
     for field in STAGE_FIELDS:
       merged[field] = stage[field]
-    merged.optimizer.schedule = stage.optimizer.schedule
+    for field in STAGE_OPTIMIZER_FIELDS:
+      merged.optimizer[field] = stage.optimizer[field]
   return merged
 
 

@@ -7,6 +7,7 @@ import os
 import pytest
 
 from omniris_jax import main
+from omniris_jax import train
 from omniris_jax.data import prepare
 
 from configs import joint  # noqa: E402  (configs/ is importable from the repo root, where pytest runs)
@@ -43,6 +44,17 @@ def test_unknown_dataset_and_variant_are_named():
     prepare.ensure_built("omniref/nope", None)
   with pytest.raises(ValueError, match="Unknown config variant 'dmeo'"):
     joint.get_config("dmeo")
+
+
+def test_each_stage_of_a_demo_keeps_its_own_learning_rate_and_freezing_but_shares_the_rest():
+  config = joint.get_config("demo_long")
+  config.input.batch_size = 6  # a command-line override reaches every stage
+  alignment, visual = (train.stage_config(config, name) for name in config.run_before)
+  assert (alignment.optimizer.learning_rate, visual.optimizer.learning_rate, config.optimizer.learning_rate) == (
+      1e-3, 1e-3, 3e-4)
+  assert visual.optimizer.schedule[0] == ("text_encoder/.*", None) and config.optimizer.schedule[-1][0] == ".*"
+  assert alignment.input.batch_size == visual.input.batch_size == 6
+  assert (alignment.stage, visual.stage) == ("alignment", "visual")
 
 
 def test_compilation_cache_is_turned_on_and_capped(tmp_path):

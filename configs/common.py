@@ -9,8 +9,7 @@ Variants (`--config=configs/joint.py:demo`):
   ''          the paper's recipe on real data (Swin-B, BERT-base, 480x480, batch 64, lr 1e-5)
   'demo'      small Swin + the real pretrained MiniLM text encoder on the synthetic `shapes` data, for a 2-core
               CPU; `joint.py:demo` runs all three stages from one command
-  'demo_long' the demo model on a longer schedule, joint stage at peak lr 3e-4 (1.5 h on a quick day of 2 cores,
-              about 2 h 15 min on a slow one)
+  'demo_long' the demo model on a longer schedule, joint stage at peak lr 3e-4 (1.5-2.5 h on 2 cores)
 One field can be overridden from the command line, e.g. `--config.input.batch_size=16`.
 """
 

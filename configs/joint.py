@@ -31,7 +31,7 @@ def get_config(arg: str = ""):
   c.total_steps = common.stage_steps(arg, "joint")  # Optimiser steps of this stage.
   if arg == "demo_long":
     # The warm restart to 1e-3 knocked every split back (text cIoU 48.0 -> 45.4 at joint step 2000); at 3e-4
-    # there is no dip and text is ahead until the end, where both peaks finish level (RESULTS.md, "demo_long
+    # there is no dip and text is ahead through step 10000; both peaks end level (RESULTS.md, "demo_long
     # with a lower joint learning rate"). Stages 1 and 2 keep their own 1e-3.
     c.optimizer.learning_rate = 3e-4
   if arg.startswith("demo"):

@@ -90,7 +90,9 @@ def base_config(variant: str = "") -> ml_collections.ConfigDict:
     c.model.overrides.swin = {"conv_stem": True}
     # One block per scale (3x cheaper than the paper's 9); the prompt's direct paths to the pixels (ours).
     c.model.overrides.mask_decoder = {"num_blocks": 3, "prompt_kernel": True, "pixel_fusion": True,
-                                      "nt_evidence": True}
+                                      "nt_evidence": True,
+                                      # demo_long: positions in the mask features, for "the X on the right".
+                                      "mask_positions": variant == "demo_long"}
     # Scene parsing of the 8 shape categories from the generated category maps, and visual prompts matched by
     # category (ours; the visual path matched nothing without them, benchmarks/RESULTS.md).
     c.model.overrides.num_categories = 8

@@ -233,3 +233,29 @@ def test_pixel_fusion_adds_a_prompt_and_position_dependent_term_to_the_foregroun
   flat = jnp.broadcast_to(mask_features[:, :1, :1], mask_features.shape)
   positional = fusion.apply({"params": fusion_params}, flat, pooled)
   assert float(jnp.abs(positional[:, 0, 0] - positional[:, -1, -1]).max()) > 1e-3
+
+
+def test_mask_positions_start_at_zero_and_add_projected_sine_positions_to_the_mask_features():
+  config = dataclasses.replace(MaskDecoderConfig.tiny_test(), mask_positions=True)
+  inputs = _inputs(config)
+  variables = MaskDecoder(config).init(jax.random.key(0), *inputs)
+  plain_params = {k: v for k, v in variables["params"].items() if k != "mask_position_projection"}
+  plain_decoder = MaskDecoder(MaskDecoderConfig.tiny_test())
+  # Zero-initialised: the switch alone changes nothing.
+  start = MaskDecoder(config).apply(variables, *inputs)
+  plain = plain_decoder.apply({"params": plain_params}, *inputs)
+  for name in ("mask_logits", "region_logits", "nt_logits"):
+    np.testing.assert_allclose(start[name], plain[name], rtol=1e-6, atol=1e-6)
+  # Trained: every head reads F + P @ W, P the (16 x 16) sine encoding, so two pixels with the same features
+  # no longer get the same logit.
+  weights = jax.random.normal(jax.random.key(1), (config.mask_dim, config.mask_dim))
+  variables = _with_leaf(variables, ("mask_position_projection", "kernel"), weights)
+  multi_scale, mask_features, tokens, mask = inputs
+  flat = jnp.broadcast_to(mask_features[:, :1, :1], mask_features.shape)
+  out = MaskDecoder(config).apply(variables, multi_scale, flat, tokens, mask)
+  positions = mask_decoder.sine_position_encoding(16, 16, config.mask_dim).reshape(16, 16, -1)
+  by_hand = plain_decoder.apply({"params": plain_params}, multi_scale, flat + positions @ weights, tokens, mask)
+  for name in ("mask_logits", "region_logits", "nt_logits"):
+    np.testing.assert_allclose(out[name], by_hand[name], rtol=1e-4, atol=1e-4)
+  margin = out["mask_logits"][..., 1] - out["mask_logits"][..., 0]
+  assert float(jnp.abs(margin - margin[:, :1, :1]).max()) > 1e-2

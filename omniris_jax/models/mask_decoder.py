@@ -32,6 +32,10 @@ Heads (ReLA's construction, our own code), all on the layer-normed region featur
                  foreground probability of the mask. "No target" is then tied to "the mask is empty"; the plain
                  head has to find absence in the mean of the region features alone, and on small data it did not
                  (it stayed at the class prior, benchmarks/RESULTS.md).
+  With `mask_positions` (ours, off by default) a learned, zero-initialised projection of the sine position
+  encoding is added to F before the heads read it. A mask embedding can then say "these pixels, near here"
+  (CondInst's coordinates in the mask branch), not only "pixels that look like this": without it two objects
+  that look alike get the same logit, which is how "the diamond on the right" painted both diamonds.
 """
 
 from __future__ import annotations
@@ -76,6 +80,7 @@ class MaskDecoderConfig:
     prompt_kernel: add a kernel computed from the pooled prompt tokens to the foreground mask embedding (ours).
     pixel_fusion: a per-pixel fusion head adds a prompt-conditioned term to the foreground logits (ours).
     nt_evidence: the no-target head also reads the mask's and the regions' foreground evidence (ours).
+    mask_positions: add a learned projection of the pixels' sine positions to the mask features (ours).
     region_weighting: 'probabilities' (softmax of the region logits weights the per-query masks) or 'logits'
       (the raw region logits do, as in ReLA's code).
     dropout_rate: dropout after every attention / FFN (0 in ReLA).
@@ -96,6 +101,7 @@ class MaskDecoderConfig:
   prompt_kernel: bool = False
   pixel_fusion: bool = False
   nt_evidence: bool = False
+  mask_positions: bool = False
   dropout_rate: float = 0.0
   layer_norm_eps: float = 1e-5
 
@@ -339,6 +345,14 @@ class MaskDecoder(nn.Module):
 
     heads = _PredictionHeads(cfg, name="heads")
     prompt_mask = prompt_mask.astype(bool)
+    fusion_features = mask_features
+    if cfg.mask_positions:
+      # Zero-initialised, so a decoder with this switch on starts as the one without it.
+      _, mask_h, mask_w, _ = mask_features.shape
+      positions = jnp.asarray(sine_position_encoding(mask_h, mask_w, cfg.mask_dim)).reshape(mask_h, mask_w, -1)
+      mask_features = mask_features + layers.Dense(
+          cfg.mask_dim, (None, None), use_bias=False, kernel_init=nn.initializers.zeros_init(),
+          name="mask_position_projection")(positions).astype(mask_features.dtype)
 
     pixel_bias = None
     if cfg.masked_attention:
@@ -368,7 +382,7 @@ class MaskDecoder(nn.Module):
       target_embed = target_embed.at[:, 1].add(kernel.astype(target_embed.dtype))
     mask_logits = jnp.einsum("bac,bhwc->bhwa", target_embed, mask_features)
     if cfg.pixel_fusion:
-      fused = PixelPromptFusion(cfg.hidden_dim, name="pixel_fusion")(mask_features, pooled)
+      fused = PixelPromptFusion(cfg.hidden_dim, name="pixel_fusion")(fusion_features, pooled)
       mask_logits = mask_logits.at[..., 1].add(fused.astype(mask_logits.dtype))
     nt_logits = _MlpHead(cfg.hidden_dim, 2, 2, name="nt_head")(region_features).mean(axis=1)
     if cfg.nt_evidence:

@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from omniris_jax.models import layers
 from omniris_jax.models import pixel_encoder as pixel_encoder_lib
 from omniris_jax.models import prompt_encoder as prompt_encoder_lib
 
@@ -111,7 +112,7 @@ def test_pixel_encoder_names_the_missing_stage():
 def test_sine_position_encoding_matches_detr_formula():
   """Channel layout: y half then x half; even channels sin, odd cos, frequency pairs; normalised to 2*pi."""
   height, width, dim = 3, 5, 8
-  encoding = np.asarray(pixel_encoder_lib.sine_position_encoding(height, width, dim))
+  encoding = layers.sine_position_encoding(height, width, dim, pixel_centres=False)  # the pixel encoder's
   row, col = 2, 1
   y = (row + 1) / (height + 1e-6) * 2 * np.pi
   x = (col + 1) / (width + 1e-6) * 2 * np.pi

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from flax import linen as nn
 
-from omniris_jax.models import mask_decoder
+from omniris_jax.models import layers, mask_decoder
 from omniris_jax.models.mask_decoder import MaskDecoder, MaskDecoderConfig
 
 BATCH = 2
@@ -131,7 +131,7 @@ def test_masked_attention_changes_the_decoding(paper_decoder):
 
 
 def test_sine_position_encoding_values():
-  pos = mask_decoder.sine_position_encoding(3, 5, 8)
+  pos = layers.sine_position_encoding(3, 5, 8, pixel_centres=True).reshape(15, 8)  # the decoder's
   assert pos.shape == (15, 8)
   # Row-major: index 1*5 + 2 is (y=1, x=2); channel 0 is sin(y) at frequency 1, channel 4 is sin(x).
   y = (1 + 0.5) / 3 * 2 * math.pi
@@ -253,7 +253,7 @@ def test_mask_positions_start_at_zero_and_add_projected_sine_positions_to_the_ma
   multi_scale, mask_features, tokens, mask = inputs
   flat = jnp.broadcast_to(mask_features[:, :1, :1], mask_features.shape)
   out = MaskDecoder(config).apply(variables, multi_scale, flat, tokens, mask)
-  positions = mask_decoder.sine_position_encoding(16, 16, config.mask_dim).reshape(16, 16, -1)
+  positions = layers.sine_position_encoding(16, 16, config.mask_dim, pixel_centres=True)
   by_hand = plain_decoder.apply({"params": plain_params}, multi_scale, flat + positions @ weights, tokens, mask)
   for name in ("mask_logits", "region_logits", "nt_logits"):
     np.testing.assert_allclose(out[name], by_hand[name], rtol=1e-4, atol=1e-4)

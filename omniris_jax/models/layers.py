@@ -16,10 +16,12 @@ A rule such as ('mlp', 'model') shards feed-forward weights over the model axis;
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import linen as nn
 
 Array = jax.Array
@@ -32,6 +34,38 @@ default_kernel_init = nn.initializers.lecun_normal()
 def gelu(x: Array) -> Array:
   """GELU in its exact erf form, as BERT and Swin define it (not the tanh approximation)."""
   return nn.gelu(x, approximate=False)
+
+
+def sine_position_encoding(height: int, width: int, dim: int, *, pixel_centres: bool,
+                           temperature: float = 10000.0) -> np.ndarray:
+  """DETR's 2-D sine position encoding of a (height, width) grid: (height, width, dim) float32, a constant.
+
+  The first dim/2 channels encode y, the last dim/2 encode x; channel k of each half is sin(p / f_k) for even
+  k and cos(p / f_k) for odd k, with f_k = temperature^(2*(k//2)/(dim/2)). Positions are normalised to
+  (0, 2*pi], so the encoding does not depend on the resolution:
+    pixel_centres=True:  p = (i + 0.5) / n * 2*pi, the centre of pixel i (the mask decoder's);
+    pixel_centres=False: p = (i + 1) / (n + 1e-6) * 2*pi, Mask2Former's `PositionEmbeddingSine(dim // 2,
+                         normalize=True)` on an unpadded map (the pixel encoder's).
+  """
+  if dim % 4:
+    raise ValueError(f"{dim=} must be a multiple of 4 (sin and cos for each of y and x)")
+  num_features = dim // 2
+
+  def normalised(n):
+    if pixel_centres:
+      return (np.arange(n, dtype=np.float64) + 0.5) / n * 2 * math.pi
+    return np.arange(1, n + 1, dtype=np.float64) / (n + 1e-6) * 2 * math.pi
+
+  k = np.arange(num_features)
+  frequencies = temperature ** (2 * (k // 2) / num_features)
+
+  def encode(positions):
+    angles = positions[:, None] / frequencies
+    return np.where(k % 2 == 0, np.sin(angles), np.cos(angles))
+
+  pos_y = np.broadcast_to(encode(normalised(height))[:, None, :], (height, width, num_features))
+  pos_x = np.broadcast_to(encode(normalised(width))[None, :, :], (height, width, num_features))
+  return np.concatenate([pos_y, pos_x], axis=-1).astype(np.float32)
 
 
 def constrain(x: Array, axes: Sequence[str | None]) -> Array:

@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 from typing import Sequence
 
 import jax
@@ -143,33 +142,6 @@ class MaskDecoderConfig:
   def tiny_test(cls) -> MaskDecoderConfig:
     """A few-thousand-parameter decoder for unit tests: 3 blocks (one per scale), 4 x 4 queries."""
     return cls(hidden_dim=16, num_heads=2, ffn_dim=32, query_grid=4, num_blocks=3, mask_dim=16)
-
-
-def sine_position_encoding(height: int, width: int, dim: int, temperature: float = 10000.0) -> np.ndarray:
-  """The DETR/Mask2Former 2-D sine position encoding of an (height, width) grid, flattened row-major.
-
-  Coordinates are normalised to (0, 2*pi] (pixel centres), so the encoding describes relative position and
-  does not depend on the resolution. The first dim/2 channels encode y, the last dim/2 encode x, each as
-  interleaved sin/cos at geometric frequencies. Computed in numpy: shapes are static, so this is a constant.
-
-  Returns:
-    (height * width, dim) float32.
-  """
-  if dim % 4:
-    raise ValueError(f"{dim=} must be a multiple of 4 (sin and cos for each of y and x)")
-  num_feats = dim // 2
-  scale = 2 * math.pi
-  y = (np.arange(height, dtype=np.float64) + 0.5) / height * scale
-  x = (np.arange(width, dtype=np.float64) + 0.5) / width * scale
-  frequencies = temperature ** (2 * (np.arange(num_feats) // 2) / num_feats)
-
-  def encode(coordinate):
-    angles = coordinate[:, None] / frequencies  # (n, num_feats)
-    return np.stack([np.sin(angles[:, 0::2]), np.cos(angles[:, 1::2])], axis=-1).reshape(len(coordinate), -1)
-
-  pos_y = np.broadcast_to(encode(y)[:, None, :], (height, width, num_feats))
-  pos_x = np.broadcast_to(encode(x)[None, :, :], (height, width, num_feats))
-  return np.concatenate([pos_y, pos_x], axis=-1).reshape(height * width, dim).astype(np.float32)
 
 
 class _MlpHead(nn.Module):
@@ -334,7 +306,8 @@ class MaskDecoder(nn.Module):
         feature = layers.Dense(cfg.hidden_dim, ("embed", "mlp"), kernel_init=nn.initializers.xavier_uniform(),
                                name=f"input_projection_{level}")(feature)
       pixels.append(feature.reshape(batch, h * w, cfg.hidden_dim) + level_embed[level])
-      pixel_pos.append(jnp.asarray(sine_position_encoding(h, w, cfg.hidden_dim))[None])
+      pixel_pos.append(jnp.asarray(layers.sine_position_encoding(h, w, cfg.hidden_dim, pixel_centres=True))
+                       .reshape(1, h * w, cfg.hidden_dim))
       sizes.append((h, w))
 
     query_init = nn.with_logical_partitioning(nn.initializers.normal(1.0), ("table", "embed"))
@@ -349,7 +322,7 @@ class MaskDecoder(nn.Module):
     if cfg.mask_positions:
       # Zero-initialised, so a decoder with this switch on starts as the one without it.
       _, mask_h, mask_w, _ = mask_features.shape
-      positions = jnp.asarray(sine_position_encoding(mask_h, mask_w, cfg.mask_dim)).reshape(mask_h, mask_w, -1)
+      positions = jnp.asarray(layers.sine_position_encoding(mask_h, mask_w, cfg.mask_dim, pixel_centres=True))
       mask_features = mask_features + layers.Dense(
           cfg.mask_dim, (None, None), use_bias=False, kernel_init=nn.initializers.zeros_init(),
           name="mask_position_projection")(positions).astype(mask_features.dtype)

@@ -18,7 +18,6 @@ Layout (parameter names under `pixel_encoder/`):
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Mapping, Sequence
 
 import jax
@@ -45,31 +44,6 @@ def GroupNorm(num_groups: int, *, name: str | None = None) -> nn.GroupNorm:  # n
       bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("conv_out",)),
       name=name,
   )
-
-
-def sine_position_encoding(height: int, width: int, dim: int, *, temperature: float = 10000.0) -> Array:
-  """DETR's normalised 2-D sine positional encoding, (height, width, dim): y features first, then x.
-
-  Positions are 1..H (and 1..W) divided by H (W) and scaled by 2*pi; channel k of each half is
-  sin(pos / T^(2*(k//2)/(dim/2))) for even k and cos(...) for odd k, as Mask2Former's `PositionEmbeddingSine(
-  dim // 2, normalize=True)` on an unpadded map.
-  """
-  if dim % 2:
-    raise ValueError(f"{dim=} must be even (half the channels encode y, half x)")
-  num_features = dim // 2
-  eps = 1e-6
-  y_embed = np.arange(1, height + 1, dtype=np.float64) / (height + eps) * 2 * math.pi
-  x_embed = np.arange(1, width + 1, dtype=np.float64) / (width + eps) * 2 * math.pi
-  k = np.arange(num_features)
-  dim_t = temperature ** (2 * (k // 2) / num_features)
-
-  def encode(positions):
-    angles = positions[:, None] / dim_t
-    return np.where(k % 2 == 0, np.sin(angles), np.cos(angles))
-
-  pos_y = np.broadcast_to(encode(y_embed)[:, None, :], (height, width, num_features))
-  pos_x = np.broadcast_to(encode(x_embed)[None, :, :], (height, width, num_features))
-  return jnp.asarray(np.concatenate([pos_y, pos_x], axis=-1), jnp.float32)
 
 
 def grid_reference_points(spatial_shapes: Sequence[tuple[int, int]]) -> Array:
@@ -116,6 +90,8 @@ class PixelEncoderConfig:
       raise ValueError(f"{self.hidden_dim=} must be a multiple of {self.num_heads=}")
     if self.hidden_dim % self.group_norm_groups:
       raise ValueError(f"{self.hidden_dim=} must be a multiple of {self.group_norm_groups=}")
+    if self.hidden_dim % 4:
+      raise ValueError(f"{self.hidden_dim=} must be a multiple of 4 (2-D sine positions)")
 
   @classmethod
   def paper(cls) -> PixelEncoderConfig:
@@ -200,7 +176,8 @@ class PixelEncoder(nn.Module):
       batch, height, width, _ = x.shape
       spatial_shapes.append((height, width))
       levels.append(x.reshape(batch, height * width, cfg.hidden_dim))
-      position = sine_position_encoding(height, width, cfg.hidden_dim) + level_embed[level]
+      position = layers.sine_position_encoding(height, width, cfg.hidden_dim, pixel_centres=False)
+      position = position + level_embed[level]
       positions.append(position.reshape(height * width, cfg.hidden_dim))
     spatial_shapes = tuple(spatial_shapes)
     flat = layers.constrain(jnp.concatenate(levels, axis=1), ("batch", "length", "embed"))

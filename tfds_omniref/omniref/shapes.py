@@ -451,6 +451,32 @@ def _wording(expression: Expression) -> str:
   return "position"
 
 
+# The wording templates of the text prompts, as `expression_template` names them.
+TEMPLATES = ("conjunction", "group", "colour", "size", "position", "category")
+_POSITION_WORDS = ("leftmost", "rightmost", "topmost", "lowest", "left", "right", "upper", "lower")
+
+
+def expression_template(text: str) -> str:
+  """The template a generated text prompt was worded by, one of `TEMPLATES`: "the X and the Y" (conjunction),
+  "every triangle" / "all the stars" / "the red circles" / "every blue shape" (group), "the red circle"
+  (colour), "the big circle" (size), "the leftmost square" / "the star on the right" (position), "the heart"
+  (category). For breaking results down by wording (`benchmarks/text_groups.py`)."""
+  words = text.split()
+  if " and " in text:
+    return "conjunction"
+  if words[0] in ("every", "all") or words[-1] in _PLURALS.values():
+    return "group"
+  if any(word in _POSITION_WORDS for word in words):
+    return "position"
+  if len(words) == 3 and words[1] in COLOURS:
+    return "colour"
+  if len(words) == 3 and words[1] in ("small", "big"):
+    return "size"
+  if len(words) == 2 and words[1] in CATEGORY_NAMES:
+    return "category"
+  raise ValueError(f"{text!r} is worded by none of the shapes templates {TEMPLATES}")
+
+
 def _pick_absent(rng: np.random.Generator, scene: Layout) -> Expression | None:
   """A no-target expression worded like a targeted one, so that the wording alone cannot tell that the
   referent is absent. Half are worded like a single-target prompt: by position, colour or size about as often

@@ -96,20 +96,15 @@ def test_the_wording_of_a_text_prompt_does_not_tell_whether_its_referent_is_abse
   """The no-target prompts use the targeted prompts' templates: on every template with enough examples, at
   most about half are no-target (a third overall). Worded apart, a model could call no-target unseen."""
   config = shapes.ShapesConfig(num_train=9, num_text_test=300, num_visual_test=3, num_omni_test=3)
-  def template(text: str) -> str:
-    words = text.split()
-    if " and " in text:
-      return "conjunction"
-    if len(words) == 3 and words[1] in _COLOUR_WORDS:
-      return "colour"
-    if len(words) == 3 and words[1] in ("small", "big"):
-      return "size"
-    return "other"
   counts: dict[str, list[int]] = {}
   for index in range(config.num_text_test):
     example = shapes.generate_example(config, "text_test", index)
-    counts.setdefault(template(example["text"]), [0, 0])[int(bool(example["no_target"]))] += 1
-  for name, (targeted, absent) in counts.items():
+    counts.setdefault(shapes.expression_template(example["text"]), [0, 0])[int(bool(example["no_target"]))] += 1
+  # Templates with at least 20 prompts. The two rarest, group ("every star") and category ("the heart"), are
+  # 22 of the 300 and 15 of those are no-target: a small skew left in the data (shapes 1.1.0).
+  checked = {name: count for name, count in counts.items() if sum(count) >= 20}
+  assert set(checked) == {"conjunction", "position", "colour", "size"}, counts
+  for name, (targeted, absent) in checked.items():
     assert absent <= 0.55 * (targeted + absent) and targeted <= 0.8 * (targeted + absent), (name, counts)
 
 
@@ -180,6 +175,15 @@ def test_expressions_on_a_hand_made_layout():
   for text in absent:
     for phrase in text.split(" and "):
       assert not _candidates(layout, phrase), text
+  for text in {**singles, **multis, **dict.fromkeys(absent)}:  # every prompt has a template
+    assert shapes.expression_template(text) in shapes.TEMPLATES, text
+  expected = {"the red circle": "colour", "the big circle": "size", "the circle on the right": "position",
+              "the leftmost star": "position", "the square": "category", "every circle": "group",
+              "all the circles": "group", "the green circles": "group", "every cyan shape": "group",
+              "the red circle and the square": "conjunction"}
+  assert {text: shapes.expression_template(text) for text in expected} == expected
+  with pytest.raises(ValueError, match="none of the shapes templates"):
+    shapes.expression_template("a circle near the square")
 
 
 def test_same_seed_same_example_and_other_seeds_differ():

@@ -10,7 +10,8 @@ the prompts with the lowest IoU.
   python benchmarks/text_groups.py --config=configs/joint.py:demo_long --workdir=workdir/demo_long \
       [--stage=joint] [--split=text_test] [--worst=10]
 
-Omni prompts carry text too: `--split=omni_test` groups them by the wording of their text prompt.
+Omni prompts carry text too: `--split=omni_test` groups them by the wording of their text prompt. Give the
+config the run trained with: parameters its checkpoint lacks would be freshly initialised (they are listed).
 """
 
 from __future__ import annotations

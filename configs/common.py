@@ -23,7 +23,7 @@ STAGES = ("alignment", "visual", "joint")
 # demo: about 13 minutes on a quick day of a 2-core VM, 29 on a slow one, compiles and evaluations
 # included (RESULTS.md, 'Demo recipe' and 'Where a demo step's time goes');
 # stage 1 is the longest because the scene parsing that visual prompts are matched by is learned there.
-# demo_long: 90 minutes on a quick day of a 2-core CPU, about 2 h 15 min on a slow one (RESULTS.md, 'demo_long').
+# demo_long: 90 minutes on a quick day of a 2-core CPU, 2 h 15-30 min on a slow one (RESULTS.md, "demo_long").
 _STEPS = {"": (40_000, 40_000, 40_000), "demo": (2000, 300, 900), "demo_long": (4000, 2000, 12_000)}
 
 

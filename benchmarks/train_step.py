@@ -6,10 +6,13 @@ formulation that differentiates every leaf and lets the optimiser zero the froze
 measured on the same machine in the same minute. It also gives a figure to compare machines and days by: the
 demo's wall time is almost all optimiser steps.
 
-  python benchmarks/train_step.py [--stages=alignment,visual,joint] [--steps=20] [--compare_all_leaves]
+  python benchmarks/train_step.py [--variant=demo_long] [--stages=alignment,visual,joint] [--steps=20]
+      [--compare_all_leaves]
 
-Timed: `--steps` steps after one warm-up (the compile), on batches drawn from the real pipeline beforehand, so the
-figure excludes input time (the pipeline's own throughput is benchmarks/input_pipeline.py).
+Timed: `--steps` steps after one warm-up (the compile) of each step kind, on batches drawn from the real pipeline
+beforehand, so the figure excludes input time (the pipeline's own throughput is benchmarks/input_pipeline.py).
+Each batch takes the step the trainer gives it: with `mix_unit='batch'` (demo_long), joint's text batches take
+the text-only step.
 """
 
 from __future__ import annotations
@@ -33,7 +36,8 @@ from configs import joint  # noqa: E402
 from omniris_jax import optim, steps, train  # noqa: E402
 from omniris_jax.models import omnisegnet  # noqa: E402
 
-_STAGES = flags.DEFINE_list("stages", ["alignment", "visual", "joint"], "stages of configs/joint.py:demo to time.")
+_STAGES = flags.DEFINE_list("stages", ["alignment", "visual", "joint"], "stages of configs/joint.py:<variant> to time.")
+_VARIANT = flags.DEFINE_enum("variant", "demo", ["demo", "demo_long"], "config variant of configs/joint.py.")
 _STEPS = flags.DEFINE_integer("steps", 20, "timed steps per figure (after one warm-up step).")
 _COMPARE = flags.DEFINE_bool("compare_all_leaves", False,
                              "also time the step that differentiates the frozen parameters too.")
@@ -46,22 +50,29 @@ def _device_batch(batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
 
 def time_stage(stage: str, num_steps: int, differentiate_frozen: bool) -> float:
   """Mean seconds per step over `num_steps` steps (one compile + warm-up step excluded)."""
-  config = joint.get_config("demo")  # Stage 3 itself; it holds the configs of the stages before it.
+  config = joint.get_config(_VARIANT.value)  # Stage 3 itself; it holds the configs of the stages before it.
   config = config if stage == config.stage else train.stage_config(config, stage)
   model = omnisegnet.OmniSegNet(train.model_config(config))
   tx, _ = optim.make_optimizer(config.optimizer, config.total_steps)
   params = nn.unbox(model.init(jax.random.PRNGKey(0), **train.dummy_inputs(config))["params"])
   state = steps.TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
   frozen = None if differentiate_frozen else optim.frozen_mask(params, tuple(config.optimizer.schedule))
-  step_fn = jax.jit(functools.partial(steps.train_step, model=model, tx=tx, loss_config=config.loss,
-                                      seed=config.seed, prompts=tuple(config.prompts), frozen=frozen),
-                    donate_argnums=0)
+  jit_step = lambda prompts: jax.jit(functools.partial(  # noqa: E731
+      steps.train_step, model=model, tx=tx, loss_config=config.loss, seed=config.seed, prompts=prompts,
+      frozen=frozen), donate_argnums=0)
+  full_step, text_step = jit_step(tuple(config.prompts)), jit_step(("text",))
+  both = set(config.prompts) == {"text", "visual"}
+  # The trainer's choice: a batch without a visual prompt takes the text-only step (train.py).
+  pick = lambda batch: full_step if not both or train.batch_has_visual_prompt(batch) else text_step  # noqa: E731
   iterator = train.make_train_iterator(config, config.input.batch_size)
-  batches = [_device_batch(next(iterator)) for _ in range(num_steps + 1)]
-  state, metrics = step_fn(state, batches[0])
+  batches = [next(iterator) for _ in range(num_steps)]
+  step_fns = [pick(batch) for batch in batches]
+  batches = [_device_batch(batch) for batch in batches]
+  for step_fn in {id(f): f for f in step_fns}.values():  # compile and warm up each step kind once
+    state, metrics = step_fn(state, batches[step_fns.index(step_fn)])
   jax.block_until_ready(metrics)
   start = time.perf_counter()
-  for batch in batches[1:]:
+  for step_fn, batch in zip(step_fns, batches):
     state, metrics = step_fn(state, batch)
   jax.block_until_ready(metrics)
   return (time.perf_counter() - start) / num_steps
@@ -70,7 +81,7 @@ def time_stage(stage: str, num_steps: int, differentiate_frozen: bool) -> float:
 def main(argv):
   del argv
   print(f"# {platform.node()} ({os.cpu_count()} CPUs), jax {jax.__version__} on {jax.devices()[0].platform}, "
-        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, demo batch size, {_STEPS.value} timed steps")
+        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, configs/joint.py:{_VARIANT.value}, {_STEPS.value} timed steps")
   print("| stage | ms/step (frozen leaves skipped) |" + (" ms/step (all leaves differentiated) | saving |"
                                                          if _COMPARE.value else ""))
   print("|---|---:|" + ("---:|---:|" if _COMPARE.value else ""))

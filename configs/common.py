@@ -40,6 +40,10 @@ def base_config(variant: str = "") -> ml_collections.ConfigDict:
   # absolute checkpoint directory whose newest parameters start this stage; None: scratch.
   c.train_data = "text"  # 'text' (dataset.text_source), 'visual' (dataset.visual_source) or 'mixed' (both).
   c.mix_ratio = (7, 2)  # Text : visual examples when train_data='mixed' (paper Table 5's best).
+  # What the ratio interleaves: 'example' (every batch mixes both, the paper's batch sample ratio) or 'batch'
+  # (whole batches from one source; a text batch skips the visual path, so demo_long's joint steps are ~30%
+  # cheaper on the 2-core CPU, benchmarks/RESULTS.md).
+  c.mix_unit = "batch" if variant == "demo_long" else "example"
   c.prompts = ("text", "visual")  # The prompt encoders the train step runs (stage 1 skips the visual one).
   c.run_before = ()  # Stage names run first, from `stage_configs` (the demo's one-command sequence).
 

@@ -160,12 +160,22 @@ def make_train_iterator(config: Any, local_batch: int) -> Any:
   if config.train_data == "mixed":
     dataset = pipeline.make_mixed_dataset(open_training_source(config.dataset.text_source),
                                           open_training_source(config.dataset.visual_source),
-                                          ratio=tuple(config.mix_ratio), **common)
+                                          ratio=tuple(config.mix_ratio),
+                                          mix_unit=config.get("mix_unit", "example"), **common)
   elif config.train_data in ("text", "visual"):
     dataset = pipeline.make_dataset(open_training_source(config.dataset[f"{config.train_data}_source"]), **common)
   else:
     raise ValueError(f"config.train_data={config.train_data!r} must be 'text', 'visual' or 'mixed'.")
   return iter(dataset)
+
+
+def batch_has_visual_prompt(batch: Mapping[str, Any]) -> bool:
+  """Whether any example of the global batch has a visual prompt (every process gets the same answer)."""
+  has_visual = bool(np.asarray(batch["has_visual"]).any())
+  if jax.process_count() > 1:  # the step is one SPMD program: every process must take the same one
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    has_visual = bool(np.asarray(multihost_utils.process_allgather(np.asarray(has_visual))).any())
+  return has_visual
 
 
 def text_encoder_vocab(config: Any) -> str | None:
@@ -408,11 +418,19 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
   # Update step
   # ----------------------------------------------------------------------------------------------------------
   batch_sharding = sharding.batch_sharding(mesh)
-  train_fn = jax.jit(
-      functools.partial(steps.train_step, model=model, tx=tx, loss_config=config.loss, seed=config.seed,
-                        prompts=prompts,
-                        frozen=optim.frozen_mask(shapes.params, tuple(config.optimizer.schedule))),
-      in_shardings=(state_shardings, batch_sharding), out_shardings=(state_shardings, None), donate_argnums=0)
+
+  def jit_train_step(step_prompts):
+    return jax.jit(
+        functools.partial(steps.train_step, model=model, tx=tx, loss_config=config.loss, seed=config.seed,
+                          prompts=step_prompts,
+                          frozen=optim.frozen_mask(shapes.params, tuple(config.optimizer.schedule))),
+        in_shardings=(state_shardings, batch_sharding), out_shardings=(state_shardings, None), donate_argnums=0)
+
+  train_fn = jit_train_step(prompts)
+  # A batch without a visual prompt (every text batch of `mix_unit='batch'`) gets the same loss and gradients
+  # from a step that skips the reference image's backbone pass and the visual decode, in ~60% of the time
+  # (benchmarks/RESULTS.md); it is compiled at its first such batch.
+  text_train_fn = jit_train_step(("text",)) if set(prompts) == {"text", "visual"} else None
   eval_fn = jax.jit(functools.partial(steps.eval_step, model=model),
                     in_shardings=(state_shardings.params, batch_sharding))
 
@@ -495,7 +513,8 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
     step = start_step
     while step < config.total_steps:
       batch = next(train_iter)
-      state, step_metrics = train_fn(state, sharding.global_batch(batch, mesh))
+      step_fn = train_fn if text_train_fn is None or batch_has_visual_prompt(batch) else text_train_fn
+      state, step_metrics = step_fn(state, sharding.global_batch(batch, mesh))
       step += 1
       pending.append((step, step_metrics, np.asarray(batch["index"])))
       if step % config.log_every == 0 or step == config.total_steps or step == start_step + 1:

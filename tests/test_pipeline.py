@@ -352,6 +352,29 @@ def test_mixed_dataset_keeps_the_7_to_2_ratio_and_restores():
   assert_batches_equal([next(restored) for _ in range(2)], expected)
 
 
+def test_mixed_dataset_by_batch_keeps_each_batch_to_one_source_at_7_to_2_and_restores():
+  text_source = [make_record(index, modality=0) for index in range(11)]
+  visual_source = [make_record(index, modality=1) for index in range(7)]
+  make_mixed = lambda: pipeline.make_mixed_dataset(  # noqa: E731
+      text_source, visual_source, mix_unit="batch", resolution=8, max_text_len=MAX_TEXT_LEN, batch_size=4,
+      seed=3, read_threads=0)
+  iterator = iter(make_mixed())
+  batches = [next(iterator) for _ in range(18)]
+  kinds = [set(batch["modality"].tolist()) for batch in batches]
+  assert all(len(kind) == 1 for kind in kinds), kinds  # one source per batch
+  for start in (0, 9):  # every 9 consecutive batches: 7 text, 2 visual
+    assert sum(kind == {0} for kind in kinds[start:start + 9]) == 7, kinds
+  assert not any(batch["has_visual"].any() for batch, kind in zip(batches, kinds) if kind == {0})
+  assert {int(i) for b in batches if b["modality"][0] == 1 for i in b["index"]} == set(range(7))
+  state = iterator.get_state()
+  expected = [next(iterator) for _ in range(3)]
+  restored = iter(make_mixed())
+  restored.set_state(state)
+  assert_batches_equal([next(restored) for _ in range(3)], expected)
+  with pytest.raises(ValueError, match="mix_unit"):
+    pipeline.make_mixed_dataset(text_source, visual_source, mix_unit="epoch", resolution=8, batch_size=4)
+
+
 def test_worker_process_gives_the_same_batches(train_batches):
   dataset = make(worker_count=1)
   iterator = iter(dataset)

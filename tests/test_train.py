@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from omniris_jax import summaries
@@ -131,3 +132,70 @@ def test_generated_training_source_is_the_procedural_train_split_and_refuses_sto
   source_config.split = "text_test"
   with pytest.raises(ValueError, match="generated=True needs the train split of a procedural dataset"):
     train.open_training_source(source_config)
+
+
+def _text_only_batch(batch_size: int = 4, size: int = 64, text_len: int = 8) -> dict:
+  """A joint-stage batch of the contract in which no example has a visual prompt (text and no-target rows)."""
+  rng = np.random.default_rng(0)
+  mask = np.zeros((batch_size, size, size), np.uint8)
+  mask[0, 8:24, 8:30] = 1
+  mask[1, 30:60, 20:40] = 1
+  text_mask = np.ones((batch_size, text_len), np.int32)
+  text_mask[:, 6:] = 0
+  return {
+      "image": rng.integers(0, 256, (batch_size, size, size, 3)).astype(np.uint8),
+      "text_ids": rng.integers(1000, 2000, (batch_size, text_len)).astype(np.int32) * text_mask,
+      "text_attention_mask": text_mask,
+      "ref_image": np.zeros((batch_size, size, size, 3), np.uint8),
+      "ref_prompt": np.zeros((batch_size, size, size), np.float32),
+      "has_text": np.ones(batch_size, bool), "has_visual": np.zeros(batch_size, bool),
+      "mask": mask, "text_mask": mask, "visual_mask": np.zeros_like(mask),
+      "no_target": ~mask.any(axis=(1, 2)),
+      "category_map": (mask * 3).astype(np.uint8),
+      "index": np.arange(batch_size, dtype=np.int64),
+  }
+
+
+def test_a_batch_without_visual_prompts_gets_the_same_update_from_the_text_only_step():
+  # The trainer gives such batches (every text batch of mix_unit='batch') the cheaper text-only step; it must
+  # be the very update the full step computes, or mixing by batch would change what is learned.
+  import functools  # pylint: disable=g-import-not-at-top
+
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import numpy.testing as npt  # pylint: disable=g-import-not-at-top
+  from flax import linen as nn  # pylint: disable=g-import-not-at-top
+
+  from omniris_jax import optim, steps, train  # pylint: disable=g-import-not-at-top
+  from omniris_jax.models import omnisegnet  # pylint: disable=g-import-not-at-top
+
+  config = tiny_config.get_config("joint")
+  model = omnisegnet.OmniSegNet(train.model_config(config))
+  tx, _ = optim.make_optimizer(config.optimizer, config.total_steps)
+  params = nn.unbox(jax.jit(model.init)(jax.random.PRNGKey(0), **train.dummy_inputs(config))["params"])
+  state = steps.TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+  frozen = optim.frozen_mask(params, tuple(config.optimizer.schedule))
+  batch = _text_only_batch(config.input.batch_size, config.input.resolution, config.input.max_text_len)
+  assert not train.batch_has_visual_prompt(batch)
+  assert train.batch_has_visual_prompt({**batch, "has_visual": np.eye(1, len(batch["has_visual"]), 0, bool)[0]})
+
+  batch = {k: jnp.asarray(v) for k, v in batch.items()}
+  full_step, text_step = (jax.jit(functools.partial(steps.train_step, model=model, tx=tx, loss_config=config.loss,
+                                                    seed=config.seed, prompts=prompts, frozen=frozen))
+                          for prompts in (("text", "visual"), ("text",)))
+  state, _ = full_step(state, batch)  # past the warmup's zero learning rate
+  params = state.params
+  (full_state, full_metrics), (text_state, text_metrics) = full_step(state, batch), text_step(state, batch)
+  npt.assert_allclose(float(text_metrics["loss"]), float(full_metrics["loss"]), rtol=1e-5)
+  npt.assert_allclose(float(text_metrics["grad_norm"]), float(full_metrics["grad_norm"]), rtol=1e-4)
+  moved = 0
+  for (path, full), text, before in zip(jax.tree_util.tree_leaves_with_path(full_state.params),
+                                        jax.tree.leaves(text_state.params), jax.tree.leaves(params)):
+    if jax.tree_util.keystr(path).endswith("['key']['bias']"):
+      # Softmax ignores a shift shared by all keys, so these gradients are zero but for rounding, which
+      # Adam's normalisation turns into steps of either sign: nothing to compare.
+      continue
+    npt.assert_allclose(np.asarray(text), np.asarray(full), rtol=1e-4, atol=1e-6,
+                        err_msg=jax.tree_util.keystr(path))
+    moved += int(not np.array_equal(np.asarray(full), np.asarray(before)))
+  assert moved > 10  # the step really updated parameters (so the comparison compares something)

@@ -55,6 +55,24 @@ def test_progress_lines_and_the_table_with_the_baseline_are_printed(trained):
   assert "| train | 18 |" in out  # the dataset statistics at the start of the run
 
 
+def test_the_eta_leaves_out_the_compile_and_evaluations_and_one_slow_interval_barely_moves_it():
+  from omniris_jax import train  # pylint: disable=g-import-not-at-top
+  now = [0.0]
+  timer = train.StepTimer(0, 1000, smoothing=0.25, clock=lambda: now[0])
+  now[0] = 60.0  # step 1 holds the compile
+  assert timer.tick(1) == (1 / 60, None)
+  now[0] += 9.0  # steps 2-10 at 1 s each
+  assert timer.tick(10) == (1.0, 990.0)
+  assert timer.tick(10)[1] == 990.0  # no step since the last line: nothing to average
+  now[0] += 300.0  # an evaluation
+  timer.restart(10)
+  now[0] += 10.0
+  assert timer.tick(20) == (1.0, 980.0)
+  now[0] += 50.0  # one interval at 5 s per step (a checkpoint write, a busy machine)
+  rate, eta = timer.tick(30)
+  assert rate == 0.2 and eta == pytest.approx(970 * (1 + 0.25 * 4))
+
+
 def test_results_files_are_written(trained):
   workdir, _ = trained
   stage_dir = os.path.join(workdir, "alignment")

@@ -9,7 +9,7 @@ Variants (`--config=configs/joint.py:demo`):
   ''          the paper's recipe on real data (Swin-B, BERT-base, 480x480, batch 64, lr 1e-5)
   'demo'      small Swin + the real pretrained MiniLM text encoder on the synthetic `shapes` data, for a 2-core
               CPU; `joint.py:demo` runs all three stages from one command
-  'demo_long' the demo model on a longer schedule, joint stage at peak lr 3e-4 (1.5-2.5 h on 2 cores)
+  'demo_long' the demo model on a longer schedule, joint stage at peak lr 3e-4 (1 h 40 min - 2 h 50 min, 2 cores)
 One field can be overridden from the command line, e.g. `--config.input.batch_size=16`.
 """
 
@@ -23,7 +23,8 @@ STAGES = ("alignment", "visual", "joint")
 # demo: about 13 minutes on a quick day of a 2-core VM, 29 on a slow one, compiles and evaluations
 # included (RESULTS.md, 'Demo recipe' and 'Where a demo step's time goes');
 # stage 1 is the longest because the scene parsing that visual prompts are matched by is learned there.
-# demo_long: 90 minutes on a quick day of a 2-core CPU, 2 h 15-30 min on a slow one (RESULTS.md, "demo_long").
+# demo_long: 1 h 40 min on a quick day of a 2-core CPU, about 2 h 50 min on a slow one (RESULTS.md, 'demo_long
+# with whole-batch mixing and six decoder blocks').
 _STEPS = {"": (40_000, 40_000, 40_000), "demo": (2000, 300, 900), "demo_long": (4000, 2000, 12_000)}
 
 
@@ -92,9 +93,10 @@ def base_config(variant: str = "") -> ml_collections.ConfigDict:
     # Overlapping 3x3 convolutions embed the patches (ours): shapes a few patches wide are told apart better
     # than by Swin's one linear map of each 4x4 patch (46% vs 34% of object pixels after 600 steps, RESULTS.md).
     c.model.overrides.swin = {"conv_stem": True}
-    # One block per scale in the demo (3x cheaper than the paper's 9); demo_long reads every scale twice, so the
-    # queries compare what they found at stride 8 before the heads read them ("the topmost circle" needs the
-    # other circles); +31% per stage-1 step. The prompt's direct paths to the pixels (ours).
+    # One block per scale in the demo (3x cheaper than the paper's 9). demo_long reads every scale twice (+31% per
+    # stage-1 step), meant to let the queries compare what they found; it ended level with 3 blocks and did not fix
+    # "the topmost circle" (RESULTS.md, 'demo_long with whole-batch mixing and six decoder blocks'), but it is the
+    # recipe whose numbers are measured. The prompt's direct paths to the pixels (ours).
     c.model.overrides.mask_decoder = {"num_blocks": 6 if variant == "demo_long" else 3,
                                       "prompt_kernel": True, "pixel_fusion": True,
                                       "nt_evidence": True,

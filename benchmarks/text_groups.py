@@ -5,10 +5,10 @@ synthetic `shapes` data is worded by one of the generator's templates (`shapes.e
 circle", "the leftmost square", "the star and the blue circle", ...). The script loads the newest checkpoint of
 WORKDIR/<stage>/checkpoints, predicts every example of the split, and prints, per template, the split's metrics
 over its prompts (the same definitions as Table 1, metrics.py), the cIoU over its targeted prompts alone, and
-the prompts with the lowest IoU.
+the prompts with the lowest IoU, with their example index (`--draw` draws them with the predictions).
 
   python benchmarks/text_groups.py --config=configs/joint.py:demo_long --workdir=workdir/demo_long \
-      [--stage=joint] [--split=text_test] [--worst=10]
+      [--stage=joint] [--split=text_test] [--worst=10] [--draw=worst.png]
 
 Omni prompts carry text too: `--split=omni_test` groups them by the wording of their text prompt. Give the
 config the run trained with: parameters its checkpoint lacks would be freshly initialised (they are listed).
@@ -38,6 +38,7 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "The run's workdir.", required=T
 _STAGE = flags.DEFINE_string("stage", None, "The stage whose newest checkpoint to evaluate (default: the config's).")
 _SPLIT = flags.DEFINE_string("split", "text_test", "The test split to break down (text_test or omni_test).")
 _WORST = flags.DEFINE_integer("worst", 10, "How many of the lowest-IoU targeted prompts to list.")
+_DRAW = flags.DEFINE_string("draw", None, "Also draw those prompts' examples with the predictions to this PNG.")
 
 
 def load_params(config, checkpoint_dir: str, mesh, rules):
@@ -104,13 +105,19 @@ def main(argv):
     print(f"| {template} | {group['num_samples']} ({group['num_no_target']}) | {cell(group['cIoU'])} | "
           f"{cell(group['gIoU'])} | {cell(group['N_acc'])} | {cell(group['T_acc'])} | {cell(targeted['cIoU'])} |")
 
-  scored = [(metrics.score_sample(s["pred_mask"], s["pred_nt"], s["gt_mask"], s["gt_nt"]), text)
+  scored = [(metrics.score_sample(s["pred_mask"], s["pred_nt"], s["gt_mask"], s["gt_nt"]), text, s)
             for s, text in zip(samples, texts) if not s["gt_nt"]]
-  scored.sort(key=lambda pair: pair[0].iou)
-  print(f"\nThe {_WORST.value} targeted prompts with the lowest IoU:")
-  for score, text in scored[:_WORST.value]:
+  scored.sort(key=lambda triple: triple[0].iou)
+  worst = scored[:_WORST.value]
+  print(f"\nThe {len(worst)} targeted prompts with the lowest IoU (the index is the example's in {_SPLIT.value}):")
+  for score, text, sample in worst:
     said = "said no target" if score.outcome == "FP" else f"IoU {score.iou:.2f}"
-    print(f"  {said:>15}  {text!r}")
+    print(f"  {said:>15}  {int(sample['index']):>5}  {text!r}")
+  if _DRAW.value and worst:
+    train.draw_predictions([sample for _, _, sample in worst], [text for _, text, _ in worst], _DRAW.value,
+                           title=f"{_SPLIT.value}, stage {stage!r} at step {step}: the lowest-IoU prompts, "
+                                 "predictions in green")
+    print(f"Wrote {_DRAW.value}.")
 
 
 if __name__ == "__main__":

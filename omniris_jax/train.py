@@ -356,19 +356,9 @@ class Evaluator:
     return results
 
   def _render(self, previews: list[tuple[str, dict]], path: str, step: int) -> None:
-    from omniris_jax.data import visualize  # pylint: disable=g-import-not-at-top  (matplotlib, only when drawing)
-    examples = []
-    for split, sample in previews:
-      record = self.sources[split][int(sample["index"])]
-      prompt = sample["ref_prompt"].astype(np.uint8)
-      examples.append({"image": sample["image"], "text": record["text"], "text_mask": sample["text_mask"],
-                       "visual_mask": sample["visual_mask"], "mask": sample["gt_mask"],
-                       "ref_image": sample["ref_image"], "ref_mask": prompt, "ref_box": prompt,
-                       "ref_scribble": prompt, "modality": int(sample["modality"]),
-                       "setting": int(sample["setting"]), "prompt_type": int(sample["prompt_type"]),
-                       "no_target": sample["gt_nt"]})
-    visualize.render_preview(examples, path, predictions=[s["pred_mask"] for _, s in previews],
-                             title=f"{self.config.stage}, step {step}: predictions (green) on the test splits")
+    draw_predictions([sample for _, sample in previews],
+                     [self.sources[split][int(sample["index"])]["text"] for split, sample in previews], path,
+                     title=f"{self.config.stage}, step {step}: predictions (green) on the test splits")
 
   def report(self, results: Mapping[str, Any], step: int) -> str:
     """The Table 1 layout: the model's row and the baseline's."""
@@ -381,6 +371,22 @@ class Evaluator:
       table += ("\n\n(No baseline: the dataset's records carry no all-objects mask; only the synthetic shapes "
                 "scenes can be regenerated to get one.)")
     return table
+
+
+def draw_predictions(samples: Sequence[Mapping[str, Any]], texts: Sequence[Any], path: str, title: str) -> None:
+  """Draws samples of `Evaluator.predict` to a PNG: ground truth and prompts as `visualize.render_preview` draws
+  them, the predicted mask in green. `texts` are the samples' text prompts (from their source records)."""
+  from omniris_jax.data import visualize  # pylint: disable=g-import-not-at-top  (matplotlib, only when drawing)
+  examples = []
+  for sample, text in zip(samples, texts, strict=True):
+    prompt = sample["ref_prompt"].astype(np.uint8)
+    examples.append({"image": sample["image"], "text": text, "text_mask": sample["text_mask"],
+                     "visual_mask": sample["visual_mask"], "mask": sample["gt_mask"],
+                     "ref_image": sample["ref_image"], "ref_mask": prompt, "ref_box": prompt,
+                     "ref_scribble": prompt, "modality": int(sample["modality"]),
+                     "setting": int(sample["setting"]), "prompt_type": int(sample["prompt_type"]),
+                     "no_target": sample["gt_nt"]})
+  visualize.render_preview(examples, path, predictions=[sample["pred_mask"] for sample in samples], title=title)
 
 
 def write_results(stage_dir: str, table: str, results: Mapping[str, Any], baseline: Any, step: int,

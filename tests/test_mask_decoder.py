@@ -235,6 +235,52 @@ def test_pixel_fusion_adds_a_prompt_and_position_dependent_term_to_the_foregroun
   assert float(jnp.abs(positional[:, 0, 0] - positional[:, -1, -1]).max()) > 1e-3
 
 
+def test_pixel_word_attention_starts_as_the_pooled_fusion_and_then_tells_apart_prompts_with_the_same_mean():
+  width = MaskDecoderConfig.tiny_test().hidden_dim
+  words = mask_decoder.PixelPromptFusion(width, word_attention=True, num_heads=2)
+  pooled_only = mask_decoder.PixelPromptFusion(width)
+  keys = jax.random.split(jax.random.key(3), 3)
+  features = jax.random.normal(keys[0], (BATCH, 16, 16, width))
+  # Two words, and the same prompt said as their mean twice: one pooled vector, different words.
+  two_words = jax.random.normal(keys[1], (BATCH, 2, width)) * 3.0
+  averaged = jnp.broadcast_to(two_words.mean(1, keepdims=True), two_words.shape)
+  valid = jnp.ones((BATCH, 2), bool)
+  pooled = two_words.mean(1)
+  params = words.init(jax.random.key(0), features, pooled, two_words, valid)["params"]
+  plain_params = {k: v for k, v in params.items() if k not in ("word_attention", "word_film")}
+  plain = pooled_only.apply({"params": plain_params}, features, pooled)
+  # Zero-initialised read-out: the switch alone changes nothing.
+  np.testing.assert_allclose(words.apply({"params": params}, features, pooled, two_words, valid), plain,
+                             rtol=1e-6, atol=1e-6)
+  # Trained: the pooled head cannot tell the two prompts apart (same mean); the word-reading head can.
+  params = _with_leaf({"params": params}, ("word_film", "kernel"),
+                      jax.random.normal(keys[2], (width, 2 * width)))["params"]
+  heard_words = words.apply({"params": params}, features, pooled, two_words, valid)
+  heard_mean = words.apply({"params": params}, features, pooled, averaged, valid)
+  assert float(jnp.abs(heard_words - heard_mean).max()) > 1e-2
+  # Padding is not heard: a third, padded token changes nothing.
+  padded = jnp.concatenate([two_words, 100.0 * jnp.ones((BATCH, 1, width))], axis=1)
+  np.testing.assert_allclose(
+      words.apply({"params": params}, features, pooled, padded, jnp.array([[1, 1, 0]] * BATCH, bool)),
+      heard_words, rtol=1e-5, atol=1e-5)
+
+
+def test_pixel_word_attention_is_wired_into_the_decoder_and_needs_pixel_fusion():
+  with pytest.raises(ValueError, match="needs pixel_fusion"):
+    dataclasses.replace(MaskDecoderConfig.tiny_test(), pixel_word_attention=True)
+  config = dataclasses.replace(MaskDecoderConfig.tiny_test(), pixel_fusion=True, pixel_word_attention=True)
+  inputs = _inputs(config)
+  variables = MaskDecoder(config).init(jax.random.key(0), *inputs)
+  assert {"word_attention", "word_film"} <= set(variables["params"]["pixel_fusion"])
+  start = MaskDecoder(config).apply(variables, *inputs)
+  variables = _with_leaf(variables, ("pixel_fusion", "word_film", "kernel"),
+                         jnp.ones((config.hidden_dim, 2 * config.hidden_dim)))
+  out = MaskDecoder(config).apply(variables, *inputs)
+  # What the pixels heard reaches the foreground logits, and only them.
+  assert float(jnp.abs(out["mask_logits"][..., 1] - start["mask_logits"][..., 1]).max()) > 1e-3
+  np.testing.assert_allclose(out["mask_logits"][..., 0], start["mask_logits"][..., 0], rtol=1e-5, atol=1e-5)
+
+
 def test_mask_positions_start_at_zero_and_add_projected_sine_positions_to_the_mask_features():
   config = dataclasses.replace(MaskDecoderConfig.tiny_test(), mask_positions=True)
   inputs = _inputs(config)

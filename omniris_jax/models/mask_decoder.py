@@ -78,6 +78,8 @@ class MaskDecoderConfig:
     masked_attention: restrict each block's pixel cross-attention to the previous prediction's foreground.
     prompt_kernel: add a kernel computed from the pooled prompt tokens to the foreground mask embedding (ours).
     pixel_fusion: a per-pixel fusion head adds a prompt-conditioned term to the foreground logits (ours).
+    pixel_word_attention: the fusion head's pixels also attend to the prompt tokens one by one (ours; needs
+      pixel_fusion).
     nt_evidence: the no-target head also reads the mask's and the regions' foreground evidence (ours).
     mask_positions: add a learned projection of the pixels' sine positions to the mask features (ours).
     region_weighting: 'probabilities' (softmax of the region logits weights the per-query masks) or 'logits'
@@ -99,6 +101,7 @@ class MaskDecoderConfig:
   region_weighting: str = "probabilities"
   prompt_kernel: bool = False
   pixel_fusion: bool = False
+  pixel_word_attention: bool = False
   nt_evidence: bool = False
   mask_positions: bool = False
   dropout_rate: float = 0.0
@@ -110,6 +113,9 @@ class MaskDecoderConfig:
                        f"{_PROMPT_CROSS_ATTENTION_MODES}")
     if self.region_weighting not in _REGION_WEIGHTINGS:
       raise ValueError(f"MaskDecoderConfig: {self.region_weighting=} must be one of {_REGION_WEIGHTINGS}")
+    if self.pixel_word_attention and not self.pixel_fusion:
+      raise ValueError("MaskDecoderConfig: pixel_word_attention=True needs pixel_fusion=True (it conditions the "
+                       "pixel-fusion head)")
     if self.hidden_dim % self.num_heads:
       raise ValueError(f"MaskDecoderConfig: {self.hidden_dim=} must be a multiple of {self.num_heads=}")
     if self.hidden_dim % 4:
@@ -218,13 +224,22 @@ class PixelPromptFusion(nn.Module):
   small model trained briefly does not learn (its masks stay "every object", benchmarks/RESULTS.md); this head
   gives the prompt a direct, local path to every pixel, as the first referring-segmentation models did (fusing
   the tiled sentence vector and spatial coordinates with the pixel features).
+
+  With `word_attention` (ours) each pixel also reads the prompt tokens one by one (LAVT's pixel-word attention,
+  here on the stride-4 features only): the pixel and its position ask, the tokens answer, and a zero-initialised
+  projection of the answer adds a per-pixel scale and shift to the pooled prompt's. A pooled sentence is one
+  vector for "the small diamond and the circle"; a diamond pixel can now listen to "diamond" and a circle pixel
+  to "circle". Zero-initialised, so the head starts as the pooled one.
   """
 
   hidden_dim: int
+  word_attention: bool = False
+  num_heads: int = 4
 
   @nn.compact
-  def __call__(self, mask_features: Array, prompt: Array) -> Array:
-    _, height, width, _ = mask_features.shape
+  def __call__(self, mask_features: Array, prompt: Array, tokens: Array | None = None,
+               token_mask: Array | None = None) -> Array:
+    batch, height, width, _ = mask_features.shape
     pixels = layers.Dense(self.hidden_dim, ("embed", "mlp"), name="pixel_projection")(
         layers.LayerNorm(name="pixel_norm")(mask_features))
     scale = layers.Dense(self.hidden_dim, ("embed", "mlp"), name="prompt_scale")(prompt)[:, None, None]
@@ -233,6 +248,16 @@ class PixelPromptFusion(nn.Module):
                          indexing="ij")
     coordinates = jnp.asarray(np.stack([xs, ys], -1), mask_features.dtype)
     where = layers.Dense(self.hidden_dim, (None, "mlp"), name="coordinate_projection")(coordinates)
+    if self.word_attention:
+      if tokens is None or token_mask is None:
+        raise ValueError("PixelPromptFusion: word_attention=True needs the prompt tokens and their mask")
+      asking = (pixels + where).reshape(batch, height * width, self.hidden_dim)
+      heard = layers.MultiHeadAttention(self.num_heads, name="word_attention")(
+          asking, tokens, key_padding_mask=token_mask)
+      word_film = layers.Dense(2 * self.hidden_dim, ("embed", "mlp"), kernel_init=nn.initializers.zeros_init(),
+                               name="word_film")(heard).reshape(batch, height, width, 2 * self.hidden_dim)
+      scale = scale + word_film[..., :self.hidden_dim]
+      shift = shift + word_film[..., self.hidden_dim:]
     x = nn.relu(pixels * (1.0 + scale) + shift + where)
     for index in range(2):
       x = nn.relu(layers.Conv(self.hidden_dim, (3, 3), name=f"conv_{index}")(x))
@@ -355,7 +380,8 @@ class MaskDecoder(nn.Module):
       target_embed = target_embed.at[:, 1].add(kernel.astype(target_embed.dtype))
     mask_logits = jnp.einsum("bac,bhwc->bhwa", target_embed, mask_features)
     if cfg.pixel_fusion:
-      fused = PixelPromptFusion(cfg.hidden_dim, name="pixel_fusion")(fusion_features, pooled)
+      fused = PixelPromptFusion(cfg.hidden_dim, word_attention=cfg.pixel_word_attention, num_heads=cfg.num_heads,
+                                name="pixel_fusion")(fusion_features, pooled, prompt_tokens, prompt_mask)
       mask_logits = mask_logits.at[..., 1].add(fused.astype(mask_logits.dtype))
     nt_logits = _MlpHead(cfg.hidden_dim, 2, 2, name="nt_head")(region_features).mean(axis=1)
     if cfg.nt_evidence:

@@ -101,7 +101,10 @@ def base_config(variant: str = "") -> ml_collections.ConfigDict:
                                       "prompt_kernel": True, "pixel_fusion": True,
                                       "nt_evidence": True,
                                       # demo_long: positions in the mask features, for "the X on the right".
-                                      "mask_positions": variant == "demo_long"}
+                                      "mask_positions": variant == "demo_long",
+                                      # demo_long: pixels read the words one by one, for conjunctions
+                                      # ("the small diamond and the circle"), 46% of the text prompts.
+                                      "pixel_word_attention": variant == "demo_long"}
     # Scene parsing of the 8 shape categories from the generated category maps, and visual prompts matched by
     # category (ours; the visual path matched nothing without them, benchmarks/RESULTS.md).
     c.model.overrides.num_categories = 8

@@ -9,7 +9,7 @@ Variants (`--config=configs/joint.py:demo`):
   ''          the paper's recipe on real data (Swin-B, BERT-base, 480x480, batch 64, lr 1e-5)
   'demo'      small Swin + the real pretrained MiniLM text encoder on the synthetic `shapes` data, for a 2-core
               CPU; `joint.py:demo` runs all three stages from one command
-  'demo_long' the demo model on a longer schedule, joint stage at peak lr 3e-4 (1 h 40 min - 2 h 50 min, 2 cores)
+  'demo_long' the demo model on a longer schedule, joint stage at peak lr 3e-4 (1 h 36 min - 2 h 50 min, 2 cores)
 One field can be overridden from the command line, e.g. `--config.input.batch_size=16`.
 """
 
@@ -23,8 +23,8 @@ STAGES = ("alignment", "visual", "joint")
 # demo: about 13 minutes on a quick day of a 2-core VM, 29 on a slow one, compiles and evaluations
 # included (RESULTS.md, 'Demo recipe' and 'Where a demo step's time goes');
 # stage 1 is the longest because the scene parsing that visual prompts are matched by is learned there.
-# demo_long: 1 h 40 min on a quick day of a 2-core CPU, about 2 h 50 min on a slow one (RESULTS.md, 'demo_long
-# with whole-batch mixing and six decoder blocks').
+# demo_long: 1 h 36 min on a quick day of a 2-core CPU, about 2 h 50 min on a slow one (RESULTS.md, 'demo_long
+# with pixels that read the words').
 _STEPS = {"": (40_000, 40_000, 40_000), "demo": (2000, 300, 900), "demo_long": (4000, 2000, 12_000)}
 
 
@@ -103,7 +103,9 @@ def base_config(variant: str = "") -> ml_collections.ConfigDict:
                                       # demo_long: positions in the mask features, for "the X on the right".
                                       "mask_positions": variant == "demo_long",
                                       # demo_long: pixels read the words one by one, for conjunctions
-                                      # ("the small diamond and the circle"), 46% of the text prompts.
+                                      # ("the small diamond and the circle"), 46% of the text prompts: text
+                                      # cIoU 65.34 -> 67.28 at no measurable cost (RESULTS.md, 'demo_long with
+                                      # pixels that read the words').
                                       "pixel_word_attention": variant == "demo_long"}
     # Scene parsing of the 8 shape categories from the generated category maps, and visual prompts matched by
     # category (ours; the visual path matched nothing without them, benchmarks/RESULTS.md).

@@ -277,6 +277,79 @@ def test_category_loss_by_hand_and_in_the_total():
     losses.compute_losses(outputs, batch, _config(category_weight=0.5))
 
 
+def test_sibling_pixels_are_the_other_shapes_of_a_referent_category():
+  labels = np.zeros((3, 6, 6), np.uint8)  # 0 background, 1 + category
+  labels[:, 0:2, 0:2] = 3  # the referent (category 2)
+  labels[:, 4:6, 4:6] = 3  # another shape of category 2: its sibling
+  labels[:, 0:2, 4:6] = 5  # a shape of another category
+  gt = np.zeros((3, 6, 6), np.uint8)
+  gt[0, 0:3, 0:2] = 1  # one row wider than the shape: its background pixels make no background "siblings"
+  gt[1, 0:2, 0:2] = 1
+  gt[1, 0:2, 4:6] = 1  # both categories referred to: the sibling is still the only one
+  # example 2: no referent, so nobody is a sibling
+  expected = np.zeros((3, 6, 6), bool)
+  expected[0:2, 4:6, 4:6] = True
+  got = np.asarray(losses.sibling_pixels(jnp.asarray(gt), jnp.asarray(labels)))
+  np.testing.assert_array_equal(got, expected)
+  with pytest.raises(ValueError, match="category_map.shape"):
+    losses.sibling_pixels(jnp.asarray(gt), jnp.asarray(labels[:, :5]))
+
+
+def test_sibling_weight_multiplies_the_class_weight_of_sibling_pixels_by_hand():
+  # Constant logits (0, a) everywhere (1 x 1, upsampled): every pixel's nll is one of two values.
+  a = 0.7
+  outputs, batch = _outputs_and_batch(batch=2, size=8)
+  outputs["mask_logits"] = jnp.broadcast_to(jnp.array([0.0, a]), (2, 1, 1, 2))
+  labels = np.zeros((2, 8, 8), np.uint8)
+  labels[:, 0:2, 0:2] = 1  # referent, 4 pixels
+  labels[:, 4:7, 4:7] = 1  # its sibling, 9 pixels
+  labels[:, 0:2, 5:8] = 2  # another category, 6 pixels (weighs as background)
+  gt = np.zeros((2, 8, 8), np.uint8)
+  gt[:, 0:2, 0:2] = 1
+  # Example 1 is padding and counts nowhere.
+  batch.update(mask=gt, category_map=labels, no_target=np.zeros((2,), bool), index=np.array([0, -1]))
+  nll_fg, nll_bg = math.log1p(math.exp(-a)), math.log1p(math.exp(a))
+  w = 5.0
+  expected = ((1.1 * 4 * nll_fg + 0.9 * (w * 9 + 51) * nll_bg) / (1.1 * 4 + 0.9 * (w * 9 + 51)))
+  config = _config(sibling_weight=w, per_prompt_weight=0.0)
+  _, metrics = losses.compute_losses(outputs, batch, config)
+  np.testing.assert_allclose(metrics["mask_loss"], expected, rtol=1e-6)
+  _, plain = losses.compute_losses(outputs, batch, _config(per_prompt_weight=0.0))  # 1: off
+  np.testing.assert_allclose(plain["mask_loss"], (1.1 * 4 * nll_fg + 0.9 * 60 * nll_bg) / (1.1 * 4 + 0.9 * 60),
+                             rtol=1e-6)
+  del batch["category_map"]
+  with pytest.raises(KeyError, match="sibling_weight"):
+    losses.compute_losses(outputs, batch, config)
+  batch["category_map"] = labels
+  with pytest.raises(ValueError, match="mask_resolution"):
+    losses.compute_losses(outputs, batch, _config(sibling_weight=w, per_prompt_weight=0.0, mask_resolution="logits"))
+  with pytest.raises(ValueError, match="sibling_weight"):
+    losses.compute_losses(outputs, batch, _config(sibling_weight=-1.0))
+
+
+def test_sibling_weight_reads_each_prompt_s_own_ground_truth():
+  # An omni example: the text prompt refers to one of two category-1 shapes, the visual prompt to a category-2
+  # shape. Only the text term has a sibling (the other category-1 shape, which the union mask leaves out too).
+  outputs, batch = _outputs_and_batch(batch=2, size=8, omni=(True, False))
+  labels = np.zeros((2, 8, 8), np.uint8)
+  labels[:, 0:2, 0:2] = 1
+  labels[:, 4:6, 4:6] = 1
+  labels[:, 0:2, 5:8] = 2
+  text_mask = np.zeros((2, 8, 8), np.uint8)
+  text_mask[:, 0:2, 0:2] = 1
+  visual_mask = (labels == 2).astype(np.uint8)
+  batch.update(mask=np.maximum(text_mask, visual_mask), text_mask=text_mask, visual_mask=visual_mask,
+               category_map=labels, index=np.array([0, -1]))
+  _, plain = losses.compute_losses(outputs, batch, _config())
+  _, weighted = losses.compute_losses(outputs, batch, _config(sibling_weight=5.0))
+  assert abs(float(weighted["text_mask_loss"]) - float(plain["text_mask_loss"])) > 1e-4
+  np.testing.assert_allclose(weighted["visual_mask_loss"], plain["visual_mask_loss"], rtol=1e-6)
+  weights = jnp.where(losses.sibling_pixels(jnp.asarray(text_mask), jnp.asarray(labels)), 5.0, 1.0)
+  expected = losses.mask_loss(outputs["text_mask_logits"], jnp.asarray(text_mask), WEIGHTS,
+                              jnp.array([True, False]), pixel_weights=weights)
+  np.testing.assert_allclose(weighted["text_mask_loss"], expected, rtol=1e-6)
+
+
 def test_per_prompt_terms_use_only_omni_examples_and_their_own_ground_truth():
   # Examples 0 and 1 are omni; example 1's text ground truth is empty -> its text no-target label is 1.
   outputs, batch = _outputs_and_batch(omni=(True, True, False))

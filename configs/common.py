@@ -128,10 +128,6 @@ def base_config(variant: str = "") -> ml_collections.ConfigDict:
     c.loss.nt_weight = 0.5
     c.loss.region_target = "any"
     c.loss.region_weight = 0.5
-  if variant == "demo_long":
-    # Other shapes of a referent's category weigh 5x in the mask CE (ours): painting them too ("the orange star"
-    # paints the red star) is demo_long's commonest text error, worth 8 text cIoU points (RESULTS.md).
-    c.loss.sibling_weight = 5.0
 
   c.optimizer = ml_collections.ConfigDict()
   c.optimizer.learning_rate = 1e-3 if demo else 1e-5  # Peak learning rate (paper: 1e-5).

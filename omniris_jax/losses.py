@@ -25,11 +25,6 @@ The terms (DESIGN.md §6; ReLA's/the release's `ReferringCriterion`, paper eq. 1
              batch's `category_map` (0 background, 1 + category; generated training data only), background
              weighted by `category_background_weight`, on every example.
 
-  `sibling_weight` (ours, 1 = off): in the mask term, the pixels of a referent's siblings (objects of a
-  category the ground truth holds, outside the ground truth: the other circles of "the red circle") weigh
-  `sibling_weight` times their class weight. They are the pixels a referring model gets wrong when it reads
-  the category but not the colour, size or position word; needs the batch's `category_map`.
-
   `mask_loss_on_no_target=False` also drops no-target examples from the mask and region terms (ReLA: True).
 
   total = loss_scale * (mask_weight * mask + region_weight * region + nt_weight * no_target + dice_weight * dice
@@ -95,10 +90,6 @@ def default_loss_config() -> ml_collections.ConfigDict:
   # Whether no-target examples also train the masks towards empty (ReLA). False: the mask and region terms count
   # only examples with a referent, and the no-target head alone answers "is it there?".
   c.mask_loss_on_no_target = True
-  # Weight of the pixels of a referent's same-category siblings in the mask CE, relative to their class weight
-  # (ours; 1 = off, ReLA): "the orange star" painting the red star too is the demo's commonest text error.
-  # Needs the batch's `category_map`.
-  c.sibling_weight = 1.0
   return c
 
 
@@ -109,8 +100,6 @@ def _check_config(config: Any) -> None:
       raise ValueError(f"loss config: {name}={getattr(config, name)!r} must be one of {allowed}")
   if len(tuple(config.class_weights)) != 2:
     raise ValueError(f"loss config: class_weights={config.class_weights!r} must be (background, foreground)")
-  if _sibling_weight(config) < 0:
-    raise ValueError(f"loss config: sibling_weight={_sibling_weight(config)!r} must be >= 0 (1 = off)")
 
 
 def weighted_cross_entropy(logits: Array, labels: Array, class_weights: Any, valid: Array | None = None) -> Array:
@@ -139,24 +128,9 @@ def _per_example_valid(valid: Array, ndim: int) -> Array:
   return valid.reshape(valid.shape + (1,) * (ndim - 1))
 
 
-def sibling_pixels(gt_mask: Array, category_map: Array) -> Array:
-  """(B, H, W) bool: pixels outside the (B, H, W) ground truth whose `category_map` label (0 background,
-  1 + category, < 256) also labels some ground-truth pixel of the same example, i.e. the referents' siblings."""
-  if category_map.shape != gt_mask.shape:
-    raise ValueError(f"sibling_pixels: {category_map.shape=} must equal {gt_mask.shape=}")
-  batch = gt_mask.shape[0]
-  labels = category_map.astype(jnp.int32).reshape(batch, -1)
-  inside = gt_mask.astype(bool).reshape(batch, -1)
-  rows = jnp.broadcast_to(jnp.arange(batch)[:, None], labels.shape)
-  held = jnp.zeros((batch, 256), bool).at[rows, labels].max(inside)  # (B, 256): labels under the ground truth
-  held = held.at[:, 0].set(False)  # background is nobody's sibling
-  return (jnp.take_along_axis(held, labels, axis=1) & ~inside).reshape(gt_mask.shape)
-
-
 def mask_loss(mask_logits: Array, gt_mask: Array, class_weights: Any, valid: Array,
-              resolution: str = "full", pixel_weights: Array | None = None) -> Array:
-  """Class-weighted CE of (B, h, w, 2) logits against a (B, H, W) {0, 1} mask (see the module docstring);
-  `pixel_weights` (B, H, W), if given, multiplies each pixel's class weight (only at resolution 'full')."""
+              resolution: str = "full") -> Array:
+  """Class-weighted CE of (B, h, w, 2) logits against a (B, H, W) {0, 1} mask (see the module docstring)."""
   batch, height, width = gt_mask.shape
   if mask_logits.ndim != 4 or mask_logits.shape[0] != batch or mask_logits.shape[-1] != 2:
     raise ValueError(f"mask_loss: {mask_logits.shape=} must be (B={batch}, h, w, 2) for gt {gt_mask.shape=}")
@@ -166,16 +140,11 @@ def mask_loss(mask_logits: Array, gt_mask: Array, class_weights: Any, valid: Arr
     if logits.shape[1:3] != (height, width):
       logits = jax.image.resize(logits, (batch, height, width, 2), method="bilinear", antialias=False)
   else:
-    if pixel_weights is not None:
-      raise ValueError("mask_loss: pixel_weights need resolution='full' (they weigh ground-truth pixels)")
     h, w = logits.shape[1:3]
     if (h, w) != (height, width):
       area = jax.image.resize(gt_mask.astype(jnp.float32), (batch, h, w), method="linear", antialias=True)
       labels = (area >= 0.5).astype(jnp.int32)
-  weights = _per_example_valid(valid, 3).astype(jnp.float32)
-  if pixel_weights is not None:
-    weights = weights * pixel_weights.astype(jnp.float32)
-  return weighted_cross_entropy(logits, labels, class_weights, weights)
+  return weighted_cross_entropy(logits, labels, class_weights, _per_example_valid(valid, 3))
 
 
 def dice_loss(mask_logits: Array, gt_mask: Array, valid: Array) -> Array:
@@ -256,15 +225,12 @@ def no_target_loss(nt_logits: Array, no_target: Array, valid: Array, config: Any
 
 
 def _terms(outputs: Mapping[str, Array], prefix: str, gt_mask: Array, no_target: Array, valid: Array,
-           config: Any, category_map: Array | None = None) -> dict[str, Array]:
+           config: Any) -> dict[str, Array]:
   """The three weighted-sum inputs for one output set (prefix '' combined, 'text_' or 'visual_')."""
   painted = valid if getattr(config, "mask_loss_on_no_target", True) else valid & ~no_target
-  pixel_weights = None
-  if _sibling_weight(config) != 1.0:
-    pixel_weights = jnp.where(sibling_pixels(gt_mask, category_map), _sibling_weight(config), 1.0)
   return {
       "mask": mask_loss(outputs[f"{prefix}mask_logits"], gt_mask, config.class_weights, painted,
-                        config.mask_resolution, pixel_weights),
+                        config.mask_resolution),
       "region": region_loss(outputs[f"{prefix}region_logits"], gt_mask, config.class_weights, painted,
                             config.region_target),
       "no_target": no_target_loss(outputs[f"{prefix}nt_logits"], no_target, valid, config),
@@ -280,10 +246,6 @@ def _weighted_sum(terms: Mapping[str, Array], config: Any) -> Array:
 
 def _dice_weight(config: Any) -> float:
   return getattr(config, "dice_weight", 0.0)  # Configs written before the dice term have none.
-
-
-def _sibling_weight(config: Any) -> float:
-  return getattr(config, "sibling_weight", 1.0)  # Configs written before the sibling weight have none.
 
 
 def compute_losses(outputs: Mapping[str, Array], batch: Mapping[str, Any], config: Any) -> tuple[Array, dict]:
@@ -319,17 +281,8 @@ def compute_losses(outputs: Mapping[str, Array], batch: Mapping[str, Any], confi
   valid = jnp.ones((batch_size,), bool)
   if "index" in batch:
     valid = jnp.asarray(batch["index"]) >= 0
-  category_map = None
-  if _sibling_weight(config) != 1.0:
-    if "category_map" not in batch:
-      raise KeyError(f"compute_losses: sibling_weight={_sibling_weight(config)} needs batch['category_map'] "
-                     "(generated training data with category maps); set config.loss.sibling_weight=1 without them")
-    if config.mask_resolution != "full":
-      raise ValueError(f"compute_losses: sibling_weight={_sibling_weight(config)} needs mask_resolution='full', "
-                       f"got {config.mask_resolution!r}")
-    category_map = jnp.asarray(batch["category_map"])
 
-  terms = _terms(outputs, "", gt_mask, no_target, valid, config, category_map)
+  terms = _terms(outputs, "", gt_mask, no_target, valid, config)
   total = _weighted_sum(terms, config)
   metrics = {"mask_loss": terms["mask"], "region_loss": terms["region"], "nt_loss": terms["no_target"],
              "dice_loss": terms["dice"]}
@@ -350,7 +303,7 @@ def compute_losses(outputs: Mapping[str, Array], batch: Mapping[str, Any], confi
       if prompt_gt.ndim == 4:
         prompt_gt = prompt_gt[..., 0]
       prompt_nt = ~prompt_gt.astype(bool).any(axis=(1, 2))
-      prompt_terms = _terms(outputs, f"{name}_", prompt_gt, prompt_nt, omni, config, category_map)
+      prompt_terms = _terms(outputs, f"{name}_", prompt_gt, prompt_nt, omni, config)
       # No omni example in the batch -> every term is 0 (normalisers are guarded), and so is the gradient.
       prompt_total = _weighted_sum(prompt_terms, config)
       total = total + config.per_prompt_weight * prompt_total

@@ -12,10 +12,15 @@ the prompts with the lowest IoU, with their example index (`--draw` draws them w
 
 Omni prompts carry text too: `--split=omni_test` groups them by the wording of their text prompt. Give the
 config the run trained with: parameters its checkpoint lacks would be freshly initialised (they are listed).
+
+`--colours` also asks, for every single-target "the <colour> <category>" prompt of text_test, for each shape of
+that category by its own colour ("the red star", "the orange star", ... on the same image), and tabulates how
+often a prompt also paints a sibling of another colour: which colour words the model tells apart.
 """
 
 from __future__ import annotations
 
+import colorsys
 import functools
 import os
 import sys
@@ -24,6 +29,7 @@ import tempfile
 from absl import app
 from absl import flags
 import jax
+import numpy as np
 from flax import linen as nn
 from ml_collections import config_flags
 
@@ -31,7 +37,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from omniris_jax import checkpointing, metrics, sharding, steps, train  # noqa: E402
 from omniris_jax.models import omnisegnet  # noqa: E402
-from tfds_omniref.omniref import shapes  # noqa: E402
+from tfds_omniref.omniref import omniref_dataset_builder, shapes  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/joint.py:demo_long", "The config the run trained with.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "The run's workdir.", required=True)
@@ -39,6 +45,7 @@ _STAGE = flags.DEFINE_string("stage", None, "The stage whose newest checkpoint t
 _SPLIT = flags.DEFINE_string("split", "text_test", "The test split to break down (text_test or omni_test).")
 _WORST = flags.DEFINE_integer("worst", 10, "How many of the lowest-IoU targeted prompts to list.")
 _DRAW = flags.DEFINE_string("draw", None, "Also draw those prompts' examples with the predictions to this PNG.")
+_COLOURS = flags.DEFINE_boolean("colours", False, "Also tabulate which colour words the model confuses (text_test).")
 
 
 def load_params(config, checkpoint_dir: str, mesh, rules):
@@ -67,6 +74,65 @@ def breakdown(samples, texts) -> list[tuple[str, dict, dict]]:
       scores = groups[template]
       rows.append((template, metrics.summarize(scores), metrics.summarize([s for s in scores if s.targeted])))
   return rows
+
+
+def _nearest(mask, size: int):
+  """A (S, S) bool mask resampled to (size, size) by the nearest pixel centre (as the pipeline's masks)."""
+  rows = ((np.arange(size) + 0.5) * mask.shape[0] / size).astype(int)
+  cols = ((np.arange(size) + 0.5) * mask.shape[1] / size).astype(int)
+  return mask[rows][:, cols]
+
+
+def colour_confusion(evaluator, params, test_name: str):
+  """{(named colour, sibling colour): [prompts that painted the sibling, prompts]} over text_test's single-target
+  colour prompts, each asked once per shape of its category by that shape's colour (see the module docstring)."""
+  config_name = test_name.split("/")[1].split(":")[0]
+  generator = next(c.shapes for c in omniref_dataset_builder.Builder.BUILDER_CONFIGS if c.name == config_name)
+  source = evaluator.sources["text_test"]
+  records, asked = [], []
+  for index in range(len(source)):
+    example, scene = shapes.generate_example_and_scene(generator, "text_test", index)
+    if example["no_target"] or shapes.expression_template(example["text"]) != "colour":
+      continue
+    name = example["text"].split()[-1]
+    siblings = scene.instances_of(shapes.CATEGORY_NAMES.index(name))
+    for target in siblings:
+      record = dict(source[index])
+      record["text"] = f"the {scene.objects[target].colour} {name}".encode()
+      records.append(record)
+      asked.append((scene, target, siblings))
+  evaluator.sources["colour_prompts"] = records
+  samples = evaluator.predict(params, "colour_prompts")
+  table: dict[tuple[str, str], list[int]] = {}
+  for sample in samples:
+    scene, target, siblings = asked[int(sample["index"])]
+    predicted = np.asarray(sample["pred_mask"]).astype(bool).reshape(sample["pred_mask"].shape[:2])
+    for other in siblings:
+      if other == target:
+        continue
+      mask = _nearest(scene.instance_masks[other], predicted.shape[0])
+      painted = not sample["pred_nt"] and (predicted & mask).sum() > 0.5 * mask.sum()
+      counts = table.setdefault((scene.objects[target].colour, scene.objects[other].colour), [0, 0])
+      counts[0] += int(painted)
+      counts[1] += 1
+  return table
+
+
+def print_colour_confusion(table) -> None:
+  hue = lambda name: colorsys.rgb_to_hsv(*(v / 255 for v in shapes.COLOURS[name]))[0]  # noqa: E731
+  colours = sorted(shapes.COLOURS, key=hue)  # red, orange, yellow, green, cyan, blue, purple
+  print("\nColour words told apart: row = the colour named (\"the orange star\"), column = the colour of another shape"
+        "\nof that category in the image; a cell is how many of those prompts painted that shape too / how many "
+        "there were.\n")
+  print("| named \\ also painted | " + " | ".join(colours) + " |")
+  print("|---|" + "---:|" * len(colours))
+  for named in colours:
+    cells = [(f"{table[(named, other)][0]}/{table[(named, other)][1]}" if (named, other) in table else "-")
+             for other in colours]
+    print(f"| {named} | " + " | ".join(cells) + " |")
+  painted = sum(v[0] for v in table.values())
+  pairs = sum(v[1] for v in table.values())
+  print(f"\nA sibling of another colour painted in {painted} of {pairs} (prompt, sibling) pairs.")
 
 
 def main(argv):
@@ -109,7 +175,8 @@ def main(argv):
             for s, text in zip(samples, texts) if not s["gt_nt"]]
   scored.sort(key=lambda triple: triple[0].iou)
   worst = scored[:_WORST.value]
-  print(f"\nThe {len(worst)} targeted prompts with the lowest IoU (the index is the example's in {_SPLIT.value}):")
+  if worst:
+    print(f"\nThe {len(worst)} targeted prompts with the lowest IoU (the index is the example's in {_SPLIT.value}):")
   for score, text, sample in worst:
     said = "said no target" if score.outcome == "FP" else f"IoU {score.iou:.2f}"
     print(f"  {said:>15}  {int(sample['index']):>5}  {text!r}")
@@ -118,6 +185,9 @@ def main(argv):
                            title=f"{_SPLIT.value}, stage {stage!r} at step {step}: the lowest-IoU prompts, "
                                  "predictions in green")
     print(f"Wrote {_DRAW.value}.")
+  if _COLOURS.value:
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+      print_colour_confusion(colour_confusion(evaluator, params, config.dataset.test_name))
 
 
 if __name__ == "__main__":

@@ -106,7 +106,11 @@ def base_config(variant: str = "") -> ml_collections.ConfigDict:
                                       # ("the small diamond and the circle"), 46% of the text prompts: text
                                       # cIoU 65.34 -> 67.28 at no measurable cost (RESULTS.md, 'demo_long with
                                       # pixels that read the words').
-                                      "pixel_word_attention": variant == "demo_long"}
+                                      "pixel_word_attention": variant == "demo_long",
+                                      # demo_long: the fusion pixels also read the backbone's stride-4
+                                      # features, where shape colours survive (they fade in the mask features,
+                                      # and "the orange star" painted the red one too; RESULTS.md).
+                                      "fusion_low_level": variant == "demo_long"}
     # Scene parsing of the 8 shape categories from the generated category maps, and visual prompts matched by
     # category (ours; the visual path matched nothing without them, benchmarks/RESULTS.md).
     c.model.overrides.num_categories = 8

@@ -281,6 +281,49 @@ def test_pixel_word_attention_is_wired_into_the_decoder_and_needs_pixel_fusion()
   np.testing.assert_allclose(out["mask_logits"][..., 0], start["mask_logits"][..., 0], rtol=1e-5, atol=1e-5)
 
 
+def test_fusion_low_level_lets_pixels_with_the_same_mask_features_differ_by_their_backbone_features():
+  width = MaskDecoderConfig.tiny_test().hidden_dim
+  fusion = mask_decoder.PixelPromptFusion(width)
+  keys = jax.random.split(jax.random.key(4), 3)
+  # Every pixel has the same mask features (the pixel encoder washed out what tells them apart) but its own
+  # backbone features (say, its colour).
+  features = jnp.broadcast_to(jax.random.normal(keys[0], (BATCH, 1, 1, width)), (BATCH, 16, 16, width))
+  low_level = jax.random.normal(keys[1], (BATCH, 16, 16, 8))
+  pooled = jax.random.normal(keys[2], (BATCH, width))
+  params = fusion.init(jax.random.key(0), features, pooled, low_level=low_level)["params"]
+  assert {"low_level_projection", "low_level_norm"} <= set(params)
+  plain_params = {k: v for k, v in params.items() if not k.startswith("low_level")}
+  plain = fusion.apply({"params": plain_params}, features, pooled)
+  read = fusion.apply({"params": params}, features, pooled, low_level=low_level)
+  # The term now follows each pixel's own backbone features: reorder them and it changes.
+  assert float(jnp.abs(read - plain).max()) > 1e-3
+  shuffled = fusion.apply({"params": params}, features, pooled, low_level=low_level[:, ::-1])
+  assert float(jnp.abs(shuffled - read).max()) > 1e-3
+  # A projection of zeros is the plain head.
+  zeroed = _with_leaf({"params": params}, ("low_level_projection", "kernel"), jnp.zeros((8, width)))
+  zeroed = _with_leaf(zeroed, ("low_level_projection", "bias"), jnp.zeros((width,)))
+  np.testing.assert_allclose(fusion.apply(zeroed, features, pooled, low_level=low_level), plain, rtol=1e-6,
+                             atol=1e-6)
+  with pytest.raises(ValueError, match="low_level.shape"):
+    fusion.apply({"params": params}, features, pooled, low_level=low_level[:, :8])
+
+
+def test_fusion_low_level_is_wired_into_the_decoder_and_needs_its_features():
+  with pytest.raises(ValueError, match="needs pixel_fusion"):
+    dataclasses.replace(MaskDecoderConfig.tiny_test(), fusion_low_level=True)
+  config = dataclasses.replace(MaskDecoderConfig.tiny_test(), pixel_fusion=True, fusion_low_level=True)
+  inputs = _inputs(config)
+  low_level = jax.random.normal(jax.random.key(7), (BATCH, 16, 16, 8))
+  with pytest.raises(ValueError, match="low_level_features"):
+    MaskDecoder(config).init(jax.random.key(0), *inputs)
+  variables = MaskDecoder(config).init(jax.random.key(0), *inputs, low_level_features=low_level)
+  out = MaskDecoder(config).apply(variables, *inputs, low_level_features=low_level)
+  other = MaskDecoder(config).apply(variables, *inputs, low_level_features=low_level[:, ::-1])
+  # The backbone features reach the foreground logits, and only them.
+  assert float(jnp.abs(out["mask_logits"][..., 1] - other["mask_logits"][..., 1]).max()) > 1e-3
+  np.testing.assert_allclose(out["mask_logits"][..., 0], other["mask_logits"][..., 0], rtol=1e-5, atol=1e-5)
+
+
 def test_mask_positions_start_at_zero_and_add_projected_sine_positions_to_the_mask_features():
   config = dataclasses.replace(MaskDecoderConfig.tiny_test(), mask_positions=True)
   inputs = _inputs(config)

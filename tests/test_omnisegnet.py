@@ -173,6 +173,34 @@ def test_encode_once_then_decode_equals_the_full_forward(model, variables, omni_
     np.testing.assert_allclose(shared[name][:1], alone[name], rtol=1e-4, atol=1e-4, err_msg=name)
 
 
+def test_fusion_low_level_decodes_with_the_image_encoder_s_stride_4_features():
+  config = OmniSegNetConfig.tiny_test()
+  config = OmniSegNetConfig.tiny_test(mask_decoder=dataclasses.replace(
+      config.mask_decoder, pixel_fusion=True, fusion_low_level=True))
+  model = OmniSegNet(config)
+  batch = _batch()
+  variables = jax.jit(model.init)(jax.random.key(0), **batch)
+
+  @jax.jit
+  def run(variables, batch):
+    features = model.apply(variables, batch["image"], method=OmniSegNet.encode_image)
+    backbone = model.apply(variables, batch["image"].astype(jnp.float32), "image", True,
+                           method=OmniSegNet._backbone)
+    text = model.apply(variables, batch["text_ids"], batch["text_attention_mask"], method=OmniSegNet.encode_text)
+    decoded = model.apply(variables, features, *text, method=OmniSegNet.decode)
+    blanked = {**features, "low_level_features": jnp.zeros_like(features["low_level_features"])}
+    without = model.apply(variables, blanked, *text, method=OmniSegNet.decode)
+    return features, backbone["res2"], decoded, without
+
+  features, res2, decoded, without = run(variables, batch)
+  np.testing.assert_array_equal(features["low_level_features"], res2)
+  assert float(jnp.abs(decoded["mask_logits"] - without["mask_logits"]).max()) > 1e-4
+  # The full forward reads them the same way (rows 0 and 1 have text; row 2 gets an empty prompt's outputs).
+  full = model.apply(variables, **{k: v for k, v in batch.items() if k not in ("ref_image", "ref_prompt",
+                                                                                   "has_visual")})
+  np.testing.assert_allclose(full["mask_logits"][:2], decoded["mask_logits"][:2], rtol=1e-4, atol=1e-4)
+
+
 def test_joint_fusion_decodes_the_concatenated_prompts(variables, omni_result):
   (_, union), _ = omni_result
   joint_model = OmniSegNet(OmniSegNetConfig.tiny_test(omni_fusion="joint"))

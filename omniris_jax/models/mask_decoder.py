@@ -80,6 +80,8 @@ class MaskDecoderConfig:
     pixel_fusion: a per-pixel fusion head adds a prompt-conditioned term to the foreground logits (ours).
     pixel_word_attention: the fusion head's pixels also attend to the prompt tokens one by one (ours; needs
       pixel_fusion).
+    fusion_low_level: the fusion head's pixels also read the image encoder's stride-4 features, whose colours the
+      pixel encoder's top-down path washes out (ours; needs pixel_fusion and the decoder's `low_level_features`).
     nt_evidence: the no-target head also reads the mask's and the regions' foreground evidence (ours).
     mask_positions: add a learned projection of the pixels' sine positions to the mask features (ours).
     region_weighting: 'probabilities' (softmax of the region logits weights the per-query masks) or 'logits'
@@ -102,6 +104,7 @@ class MaskDecoderConfig:
   prompt_kernel: bool = False
   pixel_fusion: bool = False
   pixel_word_attention: bool = False
+  fusion_low_level: bool = False
   nt_evidence: bool = False
   mask_positions: bool = False
   dropout_rate: float = 0.0
@@ -113,6 +116,9 @@ class MaskDecoderConfig:
                        f"{_PROMPT_CROSS_ATTENTION_MODES}")
     if self.region_weighting not in _REGION_WEIGHTINGS:
       raise ValueError(f"MaskDecoderConfig: {self.region_weighting=} must be one of {_REGION_WEIGHTINGS}")
+    if self.fusion_low_level and not self.pixel_fusion:
+      raise ValueError("MaskDecoderConfig: fusion_low_level=True needs pixel_fusion=True (it feeds the fusion "
+                       "head)")
     if self.pixel_word_attention and not self.pixel_fusion:
       raise ValueError("MaskDecoderConfig: pixel_word_attention=True needs pixel_fusion=True (it conditions the "
                        "pixel-fusion head)")
@@ -230,6 +236,11 @@ class PixelPromptFusion(nn.Module):
   projection of the answer adds a per-pixel scale and shift to the pooled prompt's. A pooled sentence is one
   vector for "the small diamond and the circle"; a diamond pixel can now listen to "diamond" and a circle pixel
   to "circle". Zero-initialised, so the head starts as the pooled one.
+
+  With `low_level` features (ours) the pixels also carry a projection of the image encoder's stride-4 output.
+  The pixel encoder's mask features are built top-down from coarse, category-rich scales, and shape colours
+  fade in them (a linear probe reads an object's colour from the stride-4 backbone features far better than
+  from the mask features, benchmarks/RESULTS.md): "the orange star" then paints the red star too.
   """
 
   hidden_dim: int
@@ -238,10 +249,16 @@ class PixelPromptFusion(nn.Module):
 
   @nn.compact
   def __call__(self, mask_features: Array, prompt: Array, tokens: Array | None = None,
-               token_mask: Array | None = None) -> Array:
+               token_mask: Array | None = None, low_level: Array | None = None) -> Array:
     batch, height, width, _ = mask_features.shape
     pixels = layers.Dense(self.hidden_dim, ("embed", "mlp"), name="pixel_projection")(
         layers.LayerNorm(name="pixel_norm")(mask_features))
+    if low_level is not None:
+      if low_level.shape[:3] != mask_features.shape[:3]:
+        raise ValueError(f"PixelPromptFusion: {low_level.shape=} must match the mask features' (B, H/4, W/4) "
+                         f"{mask_features.shape[:3]}")
+      pixels = pixels + layers.Dense(self.hidden_dim, ("embed", "mlp"), name="low_level_projection")(
+          layers.LayerNorm(name="low_level_norm")(low_level))
     scale = layers.Dense(self.hidden_dim, ("embed", "mlp"), name="prompt_scale")(prompt)[:, None, None]
     shift = layers.Dense(self.hidden_dim, ("embed", "mlp"), name="prompt_shift")(prompt)[:, None, None]
     ys, xs = np.meshgrid((np.arange(height) + 0.5) / height * 2 - 1, (np.arange(width) + 0.5) / width * 2 - 1,
@@ -290,7 +307,8 @@ class MaskDecoder(nn.Module):
 
   @nn.compact
   def __call__(self, multi_scale_features: Sequence[Array], mask_features: Array, prompt_tokens: Array,
-               prompt_mask: Array, *, deterministic: bool = True) -> dict[str, Array]:
+               prompt_mask: Array, *, low_level_features: Array | None = None,
+               deterministic: bool = True) -> dict[str, Array]:
     """Decodes one prompt set per example.
 
     Args:
@@ -299,6 +317,7 @@ class MaskDecoder(nn.Module):
       mask_features: (B, H/4, W/4, mask_dim) stride-4 features F_m^0.
       prompt_tokens: (B, Lp, Dp) prompt tokens (text or visual or both concatenated).
       prompt_mask: (B, Lp) True/1 for tokens to attend to.
+      low_level_features: (B, H/4, W/4, C) the image encoder's stride-4 output, for `fusion_low_level`.
       deterministic: disables dropout when True.
 
     Returns:
@@ -341,6 +360,9 @@ class MaskDecoder(nn.Module):
     queries = jnp.broadcast_to(queries, (batch, *queries.shape))
     query_pos = query_pos[None]
 
+    if cfg.fusion_low_level and low_level_features is None:
+      raise ValueError("MaskDecoder: fusion_low_level=True needs low_level_features (the image encoder's "
+                       "stride-4 output)")
     heads = _PredictionHeads(cfg, name="heads")
     prompt_mask = prompt_mask.astype(bool)
     fusion_features = mask_features
@@ -381,7 +403,8 @@ class MaskDecoder(nn.Module):
     mask_logits = jnp.einsum("bac,bhwc->bhwa", target_embed, mask_features)
     if cfg.pixel_fusion:
       fused = PixelPromptFusion(cfg.hidden_dim, word_attention=cfg.pixel_word_attention, num_heads=cfg.num_heads,
-                                name="pixel_fusion")(fusion_features, pooled, prompt_tokens, prompt_mask)
+                                name="pixel_fusion")(fusion_features, pooled, prompt_tokens, prompt_mask,
+                                                     low_level_features if cfg.fusion_low_level else None)
       mask_logits = mask_logits.at[..., 1].add(fused.astype(mask_logits.dtype))
     nt_logits = _MlpHead(cfg.hidden_dim, 2, 2, name="nt_head")(region_features).mean(axis=1)
     if cfg.nt_evidence:

@@ -71,7 +71,9 @@ from omniris_jax.models.prompt_encoder import OmniPromptEncoder, PromptEncoderCo
 from omniris_jax.models.swin import Swin, SwinConfig
 
 Array = jax.Array
-ImageFeatures = dict[str, Any]  # {"mask_features": (B,H/4,W/4,M), "multi_scale_features": [3 x (B,h,w,D)]}
+# {"mask_features": (B,H/4,W/4,M), "multi_scale_features": [3 x (B,h,w,D)]} (+ "low_level_features" (B,H/4,W/4,C),
+# the image encoder's stride-4 output, when the mask decoder's fusion_low_level reads it).
+ImageFeatures = dict[str, Any]
 
 # ImageNet statistics on the 0..255 scale, as Swin's pretraining (and detectron2's PIXEL_MEAN/STD) use them.
 IMAGENET_MEAN = (123.675, 116.28, 103.53)
@@ -345,7 +347,10 @@ class OmniSegNet(nn.Module):
 
   def _pixel_features(self, backbone_features: dict[str, Array], deterministic: bool) -> ImageFeatures:
     mask_features, multi_scale_features = self.pixel_encoder(backbone_features, deterministic=deterministic)
-    return {"mask_features": mask_features, "multi_scale_features": list(multi_scale_features)}
+    features = {"mask_features": mask_features, "multi_scale_features": list(multi_scale_features)}
+    if self.config.mask_decoder.fusion_low_level:
+      features["low_level_features"] = backbone_features["res2"]
+    return features
 
   def encode_text(self, text_ids: Array, text_attention_mask: Array, *,
                   deterministic: bool = True) -> tuple[Array, Array]:
@@ -377,7 +382,8 @@ class OmniSegNet(nn.Module):
     batch = prompt_tokens.shape[0]
     image_features = _broadcast_features(image_features, batch)
     return self.mask_decoder(image_features["multi_scale_features"], image_features["mask_features"],
-                             prompt_tokens, prompt_mask, deterministic=deterministic)
+                             prompt_tokens, prompt_mask, low_level_features=image_features.get("low_level_features"),
+                             deterministic=deterministic)
 
   def decode(self, image_features: ImageFeatures, text_tokens: Array | None = None,
              text_mask: Array | None = None, visual_tokens: Array | None = None,

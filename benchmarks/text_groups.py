@@ -36,7 +36,6 @@ from ml_collections import config_flags
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from omniris_jax import checkpointing, metrics, sharding, steps, train  # noqa: E402
-from omniris_jax.models import omnisegnet  # noqa: E402
 from tfds_omniref.omniref import omniref_dataset_builder, shapes  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/joint.py:demo_long", "The config the run trained with.")
@@ -46,20 +45,6 @@ _SPLIT = flags.DEFINE_string("split", "text_test", "The test split to break down
 _WORST = flags.DEFINE_integer("worst", 10, "How many of the lowest-IoU targeted prompts to list.")
 _DRAW = flags.DEFINE_string("draw", None, "Also draw those prompts' examples with the predictions to this PNG.")
 _COLOURS = flags.DEFINE_boolean("colours", False, "Also tabulate which colour words the model confuses (text_test).")
-
-
-def load_params(config, checkpoint_dir: str, mesh, rules):
-  """The newest parameters in `checkpoint_dir`, laid out as the trainer lays them out."""
-  model = omnisegnet.OmniSegNet(train.model_config(config))
-  init = lambda rng: model.init(rng, **train.dummy_inputs(config))["params"]  # noqa: E731
-  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    abstract_boxed = jax.eval_shape(init, jax.random.PRNGKey(config.seed))
-  shardings = sharding.state_shardings(abstract_boxed, mesh, rules)
-  shapes_tree = sharding.plain(abstract_boxed)
-  abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes_tree, shardings)
-  fresh = jax.jit(lambda rng: nn.unbox(init(rng)), out_shardings=shardings)(jax.random.PRNGKey(config.seed))
-  params = checkpointing.load_params_from(checkpoint_dir, abstract, fresh)
-  return model, params, shardings
 
 
 def breakdown(samples, texts) -> list[tuple[str, dict, dict]]:
@@ -147,7 +132,7 @@ def main(argv):
   checkpoint_dir = os.path.join(_WORKDIR.value, stage, "checkpoints")
   mesh = sharding.make_mesh(config.mesh)
   rules = sharding.make_rules(config.sharding.rules)
-  model, params, shardings = load_params(config, checkpoint_dir, mesh, rules)
+  model, params, shardings = train.load_trained_params(config, checkpoint_dir, mesh, rules)
   eval_fn = jax.jit(functools.partial(steps.eval_step, model=model),
                     in_shardings=(shardings, sharding.batch_sharding(mesh)))
   with tempfile.TemporaryDirectory() as scratch:  # Evaluator writes nothing unless asked to run(); keep it away

@@ -195,6 +195,21 @@ def dummy_inputs(config: Any) -> dict[str, jax.Array]:
           "has_text": jnp.ones((1,), bool), "has_visual": jnp.ones((1,), bool)}
 
 
+def load_trained_params(config: Any, checkpoint_dir: str, mesh: jax.sharding.Mesh, rules: Any):
+  """(model, the newest parameters in `checkpoint_dir` laid out as the trainer lays them out, their shardings),
+  for tools that evaluate or probe a trained stage; parameters the checkpoint lacks are freshly initialised (and
+  listed)."""
+  model = omnisegnet.OmniSegNet(model_config(config))
+  init = lambda rng: model.init(rng, **dummy_inputs(config))["params"]  # noqa: E731
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    abstract_boxed = jax.eval_shape(init, jax.random.PRNGKey(config.seed))
+  shardings = sharding.state_shardings(abstract_boxed, mesh, rules)
+  shapes_tree = sharding.plain(abstract_boxed)
+  abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes_tree, shardings)
+  fresh = jax.jit(lambda rng: nn.unbox(init(rng)), out_shardings=shardings)(jax.random.PRNGKey(config.seed))
+  return model, checkpointing.load_params_from(checkpoint_dir, abstract, fresh), shardings
+
+
 def _format_duration(seconds: float) -> str:
   seconds = max(0, int(seconds))
   return f"{seconds // 3600}h{seconds // 60 % 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"

@@ -29,7 +29,7 @@ from ml_collections import config_flags
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from omniris_jax import checkpointing, sharding, steps, train  # noqa: E402
+from omniris_jax import steps, train  # noqa: E402
 from omniris_jax.data import pipeline  # noqa: E402
 from tfds_omniref.omniref import omniref_dataset_builder, shapes  # noqa: E402
 
@@ -55,16 +55,12 @@ def readout_accuracy(train_x, train_y, test_x, test_y, classes: int, ridge: floa
 
 def main(argv):
   del argv
-  config = _CONFIG.value
-  stage = _STAGE.value or config.stage
-  if stage != config.stage:
-    config = train.stage_config(config, stage)
-  mesh = sharding.make_mesh(config.mesh)
-  rules = sharding.make_rules(config.sharding.rules)
-  checkpoint_dir = os.path.join(_WORKDIR.value, stage, "checkpoints")
-  model, params, _ = train.load_trained_params(config, checkpoint_dir, mesh, rules)
-  config_name = config.dataset.test_name.split("/")[1].split(":")[0]
-  generator = next(c.shapes for c in omniref_dataset_builder.Builder.BUILDER_CONFIGS if c.name == config_name)
+  try:
+    generator = omniref_dataset_builder.shapes_generator(_CONFIG.value.dataset.test_name)
+  except ValueError as error:
+    raise app.UsageError(str(error)) from error
+  trained = train.load_trained_stage(_CONFIG.value, _WORKDIR.value, _STAGE.value)
+  config, mesh, rules, model, params = trained.config, trained.mesh, trained.rules, trained.model, trained.params
   source = pipeline.from_tfds(config.dataset.test_name, _SPLIT.value, config.dataset.data_dir)
   dataset = pipeline.make_dataset(
       source, resolution=config.input.resolution, batch_size=config.eval.batch_size,
@@ -104,9 +100,8 @@ def main(argv):
   order = np.random.default_rng(0).permutation(len(labels))
   train_ids, test_ids = order[: 2 * len(order) // 3], order[2 * len(order) // 3:]
   warm = np.isin(labels[test_ids], [colours.index(c) for c in _WARM])
-  step = os.path.basename(checkpointing.latest_step_directory(checkpoint_dir))
   print(f"\nColour read-out from each layer: {seen} images of {_SPLIT.value}, {len(labels)} shapes "
-        f"({len(test_ids)} held out), stage {stage!r} at step {step} ({_WORKDIR.value}).\n")
+        f"({len(test_ids)} held out), stage {config.stage!r} at step {trained.step} ({_WORKDIR.value}).\n")
   print("| layer | stride | channels | all 7 colours | warm only (red / orange / yellow) |")
   print("|---|---:|---:|---:|---:|")
   for path, parts in features.items():

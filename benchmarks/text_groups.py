@@ -35,7 +35,7 @@ from ml_collections import config_flags
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from omniris_jax import checkpointing, metrics, sharding, steps, train  # noqa: E402
+from omniris_jax import metrics, sharding, steps, train  # noqa: E402
 from tfds_omniref.omniref import omniref_dataset_builder, shapes  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/joint.py:demo_long", "The config the run trained with.")
@@ -71,8 +71,7 @@ def _nearest(mask, size: int):
 def colour_confusion(evaluator, params, test_name: str):
   """{(named colour, sibling colour): [prompts that painted the sibling, prompts]} over text_test's single-target
   colour prompts, each asked once per shape of its category by that shape's colour (see the module docstring)."""
-  config_name = test_name.split("/")[1].split(":")[0]
-  generator = next(c.shapes for c in omniref_dataset_builder.Builder.BUILDER_CONFIGS if c.name == config_name)
+  generator = omniref_dataset_builder.shapes_generator(test_name)
   source = evaluator.sources["text_test"]
   records, asked = [], []
   for index in range(len(source)):
@@ -122,17 +121,13 @@ def print_colour_confusion(table) -> None:
 
 def main(argv):
   del argv
-  config = _CONFIG.value
-  stage = _STAGE.value or config.stage
-  if stage != config.stage:
-    config = train.stage_config(config, stage)
-  if not config.dataset.test_name.startswith("omniref/shapes"):
-    raise app.UsageError(f"{config.dataset.test_name=}: the wording templates exist only for the synthetic "
+  if not _CONFIG.value.dataset.test_name.startswith("omniref/shapes"):
+    raise app.UsageError(f"{_CONFIG.value.dataset.test_name=}: the wording templates exist only for the synthetic "
                          "shapes data (omniref/shapes).")
-  checkpoint_dir = os.path.join(_WORKDIR.value, stage, "checkpoints")
-  mesh = sharding.make_mesh(config.mesh)
-  rules = sharding.make_rules(config.sharding.rules)
-  model, params, shardings = train.load_trained_params(config, checkpoint_dir, mesh, rules)
+  trained = train.load_trained_stage(_CONFIG.value, _WORKDIR.value, _STAGE.value)
+  config, mesh, rules, model, params, shardings = (trained.config, trained.mesh, trained.rules, trained.model,
+                                                   trained.params, trained.shardings)
+  stage, step = config.stage, trained.step
   eval_fn = jax.jit(functools.partial(steps.eval_step, model=model),
                     in_shardings=(shardings, sharding.batch_sharding(mesh)))
   with tempfile.TemporaryDirectory() as scratch:  # Evaluator writes nothing unless asked to run(); keep it away
@@ -143,7 +138,6 @@ def main(argv):
   texts = [records[int(sample["index"])]["text"] for sample in samples]
   texts = [text.decode() if isinstance(text, bytes) else str(text) for text in texts]
 
-  step = os.path.basename(checkpointing.latest_step_directory(checkpoint_dir))
   overall = metrics.summarize(metrics.score_sample(s["pred_mask"], s["pred_nt"], s["gt_mask"], s["gt_nt"])
                               for s in samples)
   print(f"\n{_SPLIT.value} of {config.dataset.test_name}, stage {stage!r} at step {step} ({_WORKDIR.value}): "

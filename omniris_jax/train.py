@@ -195,10 +195,29 @@ def dummy_inputs(config: Any) -> dict[str, jax.Array]:
           "has_text": jnp.ones((1,), bool), "has_visual": jnp.ones((1,), bool)}
 
 
-def load_trained_params(config: Any, checkpoint_dir: str, mesh: jax.sharding.Mesh, rules: Any):
-  """(model, the newest parameters in `checkpoint_dir` laid out as the trainer lays them out, their shardings),
-  for tools that evaluate or probe a trained stage; parameters the checkpoint lacks are freshly initialised (and
-  listed)."""
+@dataclasses.dataclass(frozen=True)
+class TrainedStage:
+  """A trained stage loaded for tools that evaluate or probe it (`load_trained_stage`)."""
+
+  config: Any  # the stage's config
+  mesh: jax.sharding.Mesh
+  rules: Any  # logical-axis rules
+  model: omnisegnet.OmniSegNet
+  params: Any  # laid out as the trainer lays them out
+  shardings: Any  # of params
+  checkpoint_dir: str
+  step: int  # of the checkpoint loaded
+
+
+def load_trained_stage(config: Any, workdir: str, stage: str | None = None) -> TrainedStage:
+  """The newest checkpoint of WORKDIR/<stage>/checkpoints (stage: the config's by default) with its model, mesh
+  and shardings; parameters the checkpoint lacks are freshly initialised (and listed)."""
+  stage = stage or config.stage
+  if stage != config.stage:
+    config = stage_config(config, stage)
+  mesh = sharding.make_mesh(config.mesh)
+  rules = sharding.make_rules(config.sharding.rules)
+  checkpoint_dir = os.path.join(workdir, stage, "checkpoints")
   model = omnisegnet.OmniSegNet(model_config(config))
   init = lambda rng: model.init(rng, **dummy_inputs(config))["params"]  # noqa: E731
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
@@ -207,7 +226,9 @@ def load_trained_params(config: Any, checkpoint_dir: str, mesh: jax.sharding.Mes
   shapes_tree = sharding.plain(abstract_boxed)
   abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes_tree, shardings)
   fresh = jax.jit(lambda rng: nn.unbox(init(rng)), out_shardings=shardings)(jax.random.PRNGKey(config.seed))
-  return model, checkpointing.load_params_from(checkpoint_dir, abstract, fresh), shardings
+  params = checkpointing.load_params_from(checkpoint_dir, abstract, fresh)
+  step = int(os.path.basename(checkpointing.latest_step_directory(checkpoint_dir)))
+  return TrainedStage(config, mesh, rules, model, params, shardings, checkpoint_dir, step)
 
 
 def _format_duration(seconds: float) -> str:

@@ -102,6 +102,18 @@ REBUILT = OmnirefConfig(
 )
 
 
+def shapes_generator(dataset_name: str) -> shapes_lib.ShapesConfig:
+  """The generator parameters behind a shapes dataset name ('omniref/shapes', 'omniref/shapes_tiny:1.1.0'), for
+  tools that regenerate an example's scene; a ValueError for any other dataset."""
+  builder, _, config = dataset_name.partition("/")
+  name = config.split(":")[0]
+  for candidate in (SHAPES, SHAPES_TINY):
+    if builder == "omniref" and name == candidate.name:
+      return candidate.shapes
+  raise ValueError(f"{dataset_name!r} is not a synthetic shapes dataset ('omniref/{SHAPES.name}' or "
+                   f"'omniref/{SHAPES_TINY.name}'): only those have scenes to regenerate.")
+
+
 class Builder(tfds.core.GeneratorBasedBuilder):
   """OmniRIS dataset builder; the data contract is `features.omniris_features()`."""
 

@@ -352,3 +352,11 @@ def test_generated_category_maps_label_every_object_with_its_category(built):
     referent = record["mask"][..., 0].astype(bool)
     assert set(np.unique(labels[referent])) <= {c + 1 for c in record["category_ids"]}
   assert "category_map" not in shapes_lib.GeneratedTrainSource(builder_lib.SHAPES_TINY.shapes)[0]
+
+
+def test_shapes_generator_names_the_generator_behind_a_shapes_dataset():
+  assert builder_lib.shapes_generator("omniref/shapes") == builder_lib.SHAPES.shapes
+  assert builder_lib.shapes_generator("omniref/shapes_tiny:1.1.0") == builder_lib.SHAPES_TINY.shapes
+  for other in ("omniref/released", "ris/grefcoco", "shapes"):
+    with pytest.raises(ValueError, match="not a synthetic shapes dataset"):
+      builder_lib.shapes_generator(other)

@@ -239,8 +239,9 @@ class PixelPromptFusion(nn.Module):
 
   With `low_level` features (ours) the pixels also carry a projection of the image encoder's stride-4 output.
   The pixel encoder's mask features are built top-down from coarse, category-rich scales, and shape colours
-  fade in them (a linear probe reads an object's colour from the stride-4 backbone features far better than
-  from the mask features, benchmarks/RESULTS.md): "the orange star" then paints the red star too.
+  fade in them (a linear probe reads a shape's colour from the stride-4 backbone features better than from the
+  mask features, benchmarks/RESULTS.md). In demo_long it lifted text cIoU a little; it did not teach red from
+  orange.
   """
 
   hidden_dim: int

@@ -10,7 +10,7 @@ that has washed a colour out reads it back near chance (1/7 over all, about 1/3 
   python benchmarks/feature_probe.py --config=configs/joint.py:demo_long --workdir=workdir/demo_long \
       [--stage=joint] [--split=text_test] [--layers=patch_embed,norm_res2,mask_features,pixel_fusion]
 
-Only layers at stride 4 or coarser with square maps are probed; `--layers` keeps those whose path contains one
+Only layers with square maps of at least 4 x 4 pixels, run on the target images alone, are probed; `--layers` keeps those whose path contains one
 of the given names (default: the path from the Swin stem to the fusion head).
 """
 
@@ -77,17 +77,21 @@ def main(argv):
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     for batch in dataset:
       flat = traverse_util.flatten_dict(jax.device_get(capture(params, batch)), sep="/")
+      layers = {}
+      for path, value in flat.items():
+        value = value[0] if isinstance(value, tuple) else value
+        wanted = any(name in path for name in _LAYERS.value)
+        if not wanted or getattr(value, "ndim", 0) != 4 or value.shape[1] != value.shape[2] or value.shape[1] < 4:
+          continue
+        if value.shape[0] != batch["index"].shape[0]:
+          continue  # a layer run on more than the target images (e.g. with the reference image)
+        layers[path] = value
+        sizes.setdefault(path, value.shape[1])
       rows = [r for r in range(batch["index"].shape[0]) if batch["index"][r] >= 0]
       for row in rows:
         _, scene = shapes.generate_example_and_scene(generator, _SPLIT.value, int(batch["index"][row]))
-        for path, value in flat.items():
-          value = value[0] if isinstance(value, tuple) else value
-          wanted = any(name in path for name in _LAYERS.value)
-          if not wanted or getattr(value, "ndim", 0) != 4 or value.shape[1] != value.shape[2] or value.shape[1] < 4:
-            continue
-          if value.shape[0] != batch["index"].shape[0]:
-            continue  # a layer run on more than the target images (e.g. with the reference image)
-          size = sizes.setdefault(path, value.shape[1])
+        for path, value in layers.items():
+          size = sizes[path]
           centres = ((np.arange(size) + 0.5) * generator.image_size / size).astype(int)
           per_object = []
           for mask in scene.instance_masks:

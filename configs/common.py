@@ -115,6 +115,10 @@ def base_config(variant: str = "") -> ml_collections.ConfigDict:
     # Scene parsing of the 8 shape categories from the generated category maps, and visual prompts matched by
     # category (ours; the visual path matched nothing without them, benchmarks/RESULTS.md).
     c.model.overrides.num_categories = 8
+    # demo_long: a head that reads the image's own colours back from the mask features (self-supervised,
+    # loss.colour_weight), so the mask features keep the colour words' referents apart ("the red circle" vs
+    # "the orange circle"; RESULTS.md, 'demo_long: the colours the model cannot tell apart').
+    c.model.overrides.colour_head = variant == "demo_long"
     c.model.overrides.category_matching = True
     # Zero the reference's values outside the prompt (the release's option): the visual path learned nothing
     # without it within the demo's steps.
@@ -129,6 +133,9 @@ def base_config(variant: str = "") -> ml_collections.ConfigDict:
     c.loss.dice_weight = 1.0  # Overlap term on examples with a referent: CE alone let an unsure model paint nothing.
     c.loss.category_weight = 1.0  # Scene parsing of the generated category maps ...
     c.loss.category_background_weight = 0.1  # ... weighted towards the objects.
+    if variant == "demo_long":  # The colour head's self-supervised term, weighted towards the objects too.
+      c.loss.colour_weight = 1.0
+      c.loss.colour_background_weight = 0.1
     c.loss.nt_loss = "balanced"  # Each no-target class weighs half of the batch's loss.
     c.loss.nt_weight = 0.5
     c.loss.region_target = "any"

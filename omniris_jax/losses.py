@@ -24,12 +24,17 @@ The terms (DESIGN.md §6; ReLA's/the release's `ReferringCriterion`, paper eq. 1
   category   (optional, `category_weight`, ours) CE of the scene-parsing head's `category_logits` against the
              batch's `category_map` (0 background, 1 + category; generated training data only), background
              weighted by `category_background_weight`, on every example.
+  colour     (optional, `colour_weight`, ours) self-supervised: mean squared error of the colour head's `colour`
+             (B, h, w, 3) against the batch's own `image` area-averaged to (h, w) and scaled to [-1, 1], summed
+             over the channels; with a `category_map` in the batch, background pixels weigh
+             `colour_background_weight` (objects 1), on every example. It keeps the shapes' colours in the
+             features the masks are read from.
 
   `mask_loss_on_no_target=False` also drops no-target examples from the mask and region terms (ReLA: True).
 
   total = loss_scale * (mask_weight * mask + region_weight * region + nt_weight * no_target + dice_weight * dice
-                       + category_weight * category)
-          + per_prompt_weight * (the same sum but the category term, on each prompt's own outputs, omni
+                       + category_weight * category + colour_weight * colour)
+          + per_prompt_weight * (the same sum but the category and colour terms, on each prompt's own outputs, omni
                                  examples only)
 
 Per-prompt terms: an omni example (has_text and has_visual) also carries each prompt's own ground truth
@@ -87,6 +92,11 @@ def default_loss_config() -> ml_collections.ConfigDict:
   # Weight of the background class in that CE (objects weigh 1): background pixels outnumber object pixels ~10:1
   # and, weighted equally, teach the head objectness more than categories.
   c.category_background_weight = 1.0
+  # Weight of the auxiliary colour term (ours; 0 = off): the model's `colour` against the batch's own image,
+  # area-averaged to the colour head's grid; needs the model's colour_head. No labels needed.
+  c.colour_weight = 0.0
+  # Weight of background pixels in that term when the batch has a `category_map` (objects weigh 1).
+  c.colour_background_weight = 1.0
   # Whether no-target examples also train the masks towards empty (ReLA). False: the mask and region terms count
   # only examples with a referent, and the no-target head alone answers "is it there?".
   c.mask_loss_on_no_target = True
@@ -319,8 +329,44 @@ def compute_losses(outputs: Mapping[str, Array], batch: Mapping[str, Any], confi
                                   getattr(config, "category_background_weight", 1.0))
     total = total + config.loss_scale * category_weight * category_term
     metrics["category_loss"] = category_term
+  colour_weight = getattr(config, "colour_weight", 0.0)
+  if colour_weight:
+    if "colour" not in outputs or "image" not in batch:
+      raise KeyError("compute_losses: colour_weight > 0 needs outputs['colour'] (set the model's colour_head) and "
+                     "batch['image']")
+    objects = jnp.asarray(batch["category_map"]) > 0 if "category_map" in batch else None
+    colour_term = colour_loss(outputs["colour"], jnp.asarray(batch["image"]), valid, objects,
+                              getattr(config, "colour_background_weight", 1.0))
+    total = total + config.loss_scale * colour_weight * colour_term
+    metrics["colour_loss"] = colour_term
   metrics["loss"] = total
   return total, {key: jnp.asarray(value, jnp.float32) for key, value in metrics.items()}
+
+
+def colour_loss(colour: Array, image: Array, valid: Array, objects: Array | None = None,
+                background_weight: float = 1.0) -> Array:
+  """Squared error of (B, h, w, 3) predictions against the (B, H, W, 3) 0..255 `image` area-averaged to (h, w)
+  and scaled to [-1, 1], summed over channels and averaged over the `valid` examples' pixels; with (B, H, W)
+  bool `objects`, a pixel weighs background_weight + (1 - background_weight) * (its object fraction)."""
+  batch, h, w, channels = colour.shape
+  if image.ndim != 4 or image.shape[0] != batch or image.shape[-1] != channels:
+    raise ValueError(f"colour_loss: {image.shape=} must be (B={batch}, H, W, {channels}) for {colour.shape=}")
+  target = _area_average(image.astype(jnp.float32), h, w) / 127.5 - 1.0
+  error = jnp.square(colour.astype(jnp.float32) - target).sum(axis=-1)
+  weights = jnp.broadcast_to(_per_example_valid(valid, 3), error.shape).astype(jnp.float32)
+  if objects is not None:
+    fraction = _area_average(objects.astype(jnp.float32)[..., None], h, w)[..., 0]
+    weights = weights * (background_weight + (1.0 - background_weight) * fraction)
+  return (weights * error).sum() / jnp.maximum(weights.sum(), 1e-12)
+
+
+def _area_average(x: Array, h: int, w: int) -> Array:
+  """(B, H, W, C) -> (B, h, w, C): the mean of each cell's pixels when h and w divide H and W (the stride-4
+  grid of any input the model accepts), else an antialiased bilinear resize."""
+  batch, height, width, channels = x.shape
+  if height % h or width % w:
+    return jax.image.resize(x, (batch, h, w, channels), method="linear", antialias=True)
+  return x.reshape(batch, h, height // h, w, width // w, channels).mean(axis=(2, 4))
 
 
 def category_loss(category_logits: Array, category_map: Array, valid: Array,

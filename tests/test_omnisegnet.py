@@ -392,6 +392,23 @@ def test_scene_parsing_head_reads_the_mask_features_into_background_plus_categor
                                                **_batch())["params"]
 
 
+def test_colour_head_reads_the_mask_features_into_rgb():
+  model = OmniSegNet(OmniSegNetConfig.tiny_test(colour_head=True))
+  batch = _batch()
+  variables = jax.jit(model.init)(jax.random.key(0), **batch)
+  head = variables["params"]["colour_head"]
+  mask_dim = OmniSegNetConfig.tiny_test().pixel_encoder.mask_dim
+  assert head["kernel"].value.shape == (mask_dim, 3) and head["kernel"].names == ("embed", None)
+  colour = model.apply(variables, **batch)["colour"]
+  mask_features = model.apply(variables, batch["image"], method=OmniSegNet.encode_image)["mask_features"]
+  np.testing.assert_allclose(colour, mask_features @ head["kernel"].value + head["bias"].value, rtol=1e-4,
+                             atol=1e-5)
+  assert "colour" not in jax.eval_shape(lambda b: OmniSegNet(OmniSegNetConfig.tiny_test()).init_with_output(
+      jax.random.key(0), **b)[0], batch)
+  with pytest.raises(ValueError, match="colour_head"):
+    OmniSegNetConfig.tiny_test(colour_head=True, early_fusion=True)
+
+
 def test_category_matching_adds_the_reference_category_match_to_the_visual_prompt_only():
   model = OmniSegNet(OmniSegNetConfig.tiny_test(num_categories=3, category_matching=True))
   batch = _batch()

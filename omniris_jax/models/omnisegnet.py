@@ -43,6 +43,7 @@ Output dict of `__call__` / `decode` (channel 1 = foreground / referent region /
   "text_mask_logits", "text_region_logits", "text_nt_logits"                          when text inputs are given
   "visual_mask_logits", "visual_region_logits", "visual_nt_logits"                    when visual inputs are given
   "category_logits" (B, H/4, W/4, 1 + K)  `__call__` only, with the scene-parsing head (`num_categories`)
+  "colour" (B, H/4, W/4, 3)               `__call__` only, with the colour head (`colour_head`)
 Passing `text_ids=None` (or `ref_image=None`) skips that encoder and that decode altogether (e.g. a visual-only
 training stage); the combined outputs are then the other prompt's.
 
@@ -116,6 +117,13 @@ class OmniSegNetConfig:
       to the visual prompt's foreground logits (learned gain and offset), and its maximum over the image to its
       no-target logits. A visual referent in OmniRef is every instance of the reference's category, which is
       what m measures.
+    colour_head: a linear read of the target's stride-4 `mask_features` back into the image's colour (ours, not
+      in the paper or the release), output as `colour` by `__call__` with late fusion, for a self-supervised
+      loss against the image itself (losses.py, `colour_weight`; no labels needed). The mask features are built
+      top-down from coarse, category-rich scales, and the scene-parsing loss asks them for categories only;
+      a shape's colour fades from them (a linear probe of demo_long's mask features reads red vs orange vs
+      yellow at chance, benchmarks/RESULTS.md), so "the red circle" cannot be told from "the orange circle"
+      by the path that dots the prompt's kernel with them.
   """
 
   swin: SwinConfig
@@ -128,6 +136,7 @@ class OmniSegNetConfig:
   max_text_len: int = 20
   num_categories: int = 0
   category_matching: bool = False
+  colour_head: bool = False
 
   def __post_init__(self):
     for name, config_class in _SUB_CONFIGS.items():
@@ -148,6 +157,8 @@ class OmniSegNetConfig:
                        "(num_categories > 0)")
     if self.category_matching and self.early_fusion:
       raise ValueError("OmniSegNetConfig: category_matching is implemented for late fusion only")
+    if self.colour_head and self.early_fusion:
+      raise ValueError("OmniSegNetConfig: colour_head is implemented for late fusion only")
     if self.max_text_len > self.bert.max_position_embeddings:
       raise ValueError(f"OmniSegNetConfig: {self.max_text_len=} exceeds bert.max_position_embeddings="
                        f"{self.bert.max_position_embeddings}")
@@ -308,6 +319,8 @@ class OmniSegNet(nn.Module):
     self.mask_decoder = MaskDecoder(cfg.mask_decoder)
     if cfg.num_categories:
       self.category_head = layers.Dense(cfg.num_categories + 1, ("embed", None), name="category_head")
+    if cfg.colour_head:
+      self.colour_head = layers.Dense(3, ("embed", None), name="colour_head")
     if cfg.category_matching:
       # (mask gain, mask offset, no-target gain, no-target offset) of the match map; the gains start at 4 so the
       # prior speaks from the first step, the offsets centre it (a match of 0.5 adds nothing).
@@ -490,6 +503,8 @@ class OmniSegNet(nn.Module):
                           has_visual, ref_categories=ref_categories, deterministic=deterministic)
     if self.config.num_categories:
       outputs["category_logits"] = self.category_head(image_features["mask_features"])
+    if self.config.colour_head:
+      outputs["colour"] = self.colour_head(image_features["mask_features"])
     return outputs
 
   # ---------------------------------------------------------------------------------------------------------

@@ -42,8 +42,8 @@ from omniris_jax.data import pipeline, prepare
 from omniris_jax.models import omnisegnet
 
 # The scalars a progress line shows (all of them go to TensorBoard and metrics.csv).
-PROGRESS_KEYS = ("mask_loss", "dice_loss", "region_loss", "nt_loss", "category_loss", "nt_accuracy", "grad_norm",
-                 "learning_rate")
+PROGRESS_KEYS = ("mask_loss", "dice_loss", "region_loss", "nt_loss", "category_loss", "colour_loss", "nt_accuracy",
+                 "grad_norm", "learning_rate")
 MODALITY_CODES = {name: code for code, name in enumerate(metrics.MODALITY_NAMES)}
 
 

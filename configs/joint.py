@@ -5,7 +5,7 @@ stage 1 (alignment.py) -> stage 2 (visual.py) -> stage 3, each in WORKDIR/<stage
 previous one; re-running the same command resumes where it stopped.
 
   python -m omniris_jax.main --config=configs/joint.py:demo --workdir=workdir/demo            # 3 stages, CPU
-  python -m omniris_jax.main --config=configs/joint.py:demo_long --workdir=workdir/demo_long  # 1h36-2h50, 2 cores
+  python -m omniris_jax.main --config=configs/joint.py:demo_long --workdir=workdir/demo_long  # 1h41, 2 cores
   python -m omniris_jax.main --config=configs/joint.py --workdir=gs://bucket/omniris          # paper, stage 3
 """
 

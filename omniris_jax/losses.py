@@ -24,11 +24,11 @@ The terms (DESIGN.md §6; ReLA's/the release's `ReferringCriterion`, paper eq. 1
   category   (optional, `category_weight`, ours) CE of the scene-parsing head's `category_logits` against the
              batch's `category_map` (0 background, 1 + category; generated training data only), background
              weighted by `category_background_weight`, on every example.
-  colour     (optional, `colour_weight`, ours) self-supervised: mean squared error of the colour head's `colour`
+  colour     (optional, `colour_weight`, ours) self-supervised: squared error of the colour head's `colour`
              (B, h, w, 3) against the batch's own `image` area-averaged to (h, w) and scaled to [-1, 1], summed
-             over the channels; with a `category_map` in the batch, background pixels weigh
-             `colour_background_weight` (objects 1), on every example. It keeps the shapes' colours in the
-             features the masks are read from.
+             over the channels and averaged over the pixels; with a `category_map` in the batch, background
+             pixels weigh `colour_background_weight` (objects 1), on every example. It keeps the shapes'
+             colours in the features the masks are read from.
 
   `mask_loss_on_no_target=False` also drops no-target examples from the mask and region terms (ReLA: True).
 

@@ -122,9 +122,9 @@ class OmniSegNetConfig:
       loss against the image itself (losses.py, `colour_weight`; no labels needed). The mask features are built
       top-down from coarse, category-rich scales, and the scene-parsing loss asks them for categories only;
       a shape's colour fades from them (a linear probe of demo_long's mask features told red from orange from
-      yellow 43% of the time, chance 33%; benchmarks/RESULTS.md), so "the red circle" cannot be told from "the orange circle"
-      by the path that dots the prompt's kernel with them. With the head, that probe reads 89% and demo_long
-      confuses no colour (RESULTS.md, 'demo_long with a colour head on the mask features').
+      yellow 43% of the time, chance 33%; benchmarks/RESULTS.md), so "the red circle" cannot be told from "the
+      orange circle" by the path that dots the prompt's kernel with them. With the head, that probe reads 89%
+      and demo_long confuses no colour (RESULTS.md, 'demo_long with a colour head on the mask features').
   """
 
   swin: SwinConfig

@@ -10,8 +10,8 @@ that has washed a colour out reads it back near chance (1/7 over all, about 1/3 
   python benchmarks/feature_probe.py --config=configs/joint.py:demo_long --workdir=workdir/demo_long \
       [--stage=joint] [--split=text_test] [--layers=patch_embed,norm_res2,mask_features,pixel_fusion]
 
-Only layers with square maps of at least 4 x 4 pixels, run on the target images alone, are probed; `--layers` keeps those whose path contains one
-of the given names (default: the path from the Swin stem to the fusion head).
+Only layers with square maps of at least 4 x 4 pixels, run on the target images alone, are probed; `--layers`
+keeps those whose path contains one of the given names (default: the path from the Swin stem to the fusion head).
 """
 
 from __future__ import annotations

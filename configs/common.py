@@ -20,12 +20,13 @@ import ml_collections
 VARIANTS = ("", "demo", "demo_long")
 STAGES = ("alignment", "visual", "joint")
 # Steps per stage (alignment, visual, joint) for each variant.
-# demo: about 13 minutes on a quick day of a 2-core VM, 29 on a slow one, compiles and evaluations
-# included (RESULTS.md, 'Demo recipe' and 'Where a demo step's time goes');
-# stage 1 is the longest because the scene parsing that visual prompts are matched by is learned there.
+# demo: 13-14 minutes from a fresh clone on a 2-core VM at the speed of 2026-12-05 (about twice that on the
+# slowest days seen), compiles and evaluations included (RESULTS.md, 'A cheaper demo step'); stage 1 is the
+# longest because the scene parsing that visual prompts are matched by is learned there, and stage 3 has 900
+# steps because omni N_acc needs them (64 after 800, 77-80 after 900).
 # demo_long: 1 h 36 min on a quick day of a 2-core CPU, about 2 h 50 min on a slow one (RESULTS.md, 'demo_long
 # with pixels that read the words').
-_STEPS = {"": (40_000, 40_000, 40_000), "demo": (2000, 300, 900), "demo_long": (4000, 2000, 12_000)}
+_STEPS = {"": (40_000, 40_000, 40_000), "demo": (1400, 200, 900), "demo_long": (4000, 2000, 12_000)}
 
 
 def base_config(variant: str = "") -> ml_collections.ConfigDict:
@@ -42,9 +43,9 @@ def base_config(variant: str = "") -> ml_collections.ConfigDict:
   c.train_data = "text"  # 'text' (dataset.text_source), 'visual' (dataset.visual_source) or 'mixed' (both).
   c.mix_ratio = (7, 2)  # Text : visual examples when train_data='mixed' (paper Table 5's best).
   # What the ratio interleaves: 'example' (every batch mixes both, the paper's batch sample ratio) or 'batch'
-  # (whole batches from one source; a text batch skips the visual path, so demo_long's joint steps are ~30%
-  # cheaper on the 2-core CPU, benchmarks/RESULTS.md).
-  c.mix_unit = "batch" if variant == "demo_long" else "example"
+  # (whole batches from one source; a text batch skips the visual path, so the demos' joint steps are ~35%
+  # cheaper on the 2-core CPU, benchmarks/RESULTS.md, 'A cheaper demo step').
+  c.mix_unit = "batch" if demo else "example"
   c.prompts = ("text", "visual")  # The prompt encoders the train step runs (stage 1 skips the visual one).
   c.run_before = ()  # Stage names run first, from `stage_configs` (the demo's one-command sequence).
 
@@ -93,6 +94,13 @@ def base_config(variant: str = "") -> ml_collections.ConfigDict:
     # Overlapping 3x3 convolutions embed the patches (ours): shapes a few patches wide are told apart better
     # than by Swin's one linear map of each 4x4 patch (46% vs 34% of object pixels after 600 steps, RESULTS.md).
     c.model.overrides.swin = {"conv_stem": True}
+    # demo: no dropout anywhere. The frozen MiniLM's dropout (0.1) only added noise to fixed features and the
+    # small Swin's drop-path (0.1) regularised a model that sees fresh generated scenes every step; together
+    # their random masks cost ~12% of a stage-1 step (RESULTS.md, 'A cheaper demo step'). demo_long keeps both:
+    # its numbers were measured with them.
+    if variant == "demo":
+      c.model.overrides.swin["drop_path_rate"] = 0.0
+      c.model.overrides.bert = {"dropout_rate": 0.0}
     # One block per scale in the demo (3x cheaper than the paper's 9). demo_long reads every scale twice (+31% per
     # stage-1 step), meant to let the queries compare what they found; it ended level with 3 blocks and did not fix
     # "the topmost circle" (RESULTS.md, 'demo_long with whole-batch mixing and six decoder blocks'), but it is the
@@ -164,7 +172,9 @@ def base_config(variant: str = "") -> ml_collections.ConfigDict:
   c.log_every = 10 if demo else 100  # Steps between progress lines / scalars (and the NaN guard's host sync).
   # Steps between evaluations on the test splits (0: only at the end of the stage); demo_long draws test curves.
   c.eval_every = 2000 if variant == "demo_long" else 0
-  c.checkpoint_every = 100 if demo else 2000  # Steps between checkpoints (and always at the end).
+  # Steps between checkpoints (and always at the end). A save of the demo's 32 M state values costs ~1.4 s of
+  # training on 2 cores; every 500 steps, a killed demo loses at most ~2 minutes.
+  c.checkpoint_every = 500 if demo else 2000
   c.keep_checkpoints = 2  # Checkpoints kept per stage (the newest).
   c.async_checkpointing = True  # Write checkpoints in the background while training continues.
 

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import os
 
+import jax
 import pytest
+from flax import linen as nn
 
 from omniris_jax import main
 from omniris_jax import train
 from omniris_jax.data import prepare
+from omniris_jax.models import omnisegnet
 
 from configs import joint  # noqa: E402  (configs/ is importable from the repo root, where pytest runs)
 
@@ -55,6 +58,26 @@ def test_each_stage_of_a_demo_keeps_its_own_learning_rate_and_freezing_but_share
   assert visual.optimizer.schedule[0] == ("text_encoder/.*", None) and config.optimizer.schedule[-1][0] == ".*"
   assert alignment.input.batch_size == visual.input.batch_size == 6
   assert (alignment.stage, visual.stage) == ("alignment", "visual")
+
+
+def _random_draws_in_a_training_forward(variant: str) -> int:
+  """random_bits draws (dropout, drop-path masks) traced by a training-mode forward of `variant`'s model."""
+  config = joint.get_config(variant)
+  model = omnisegnet.OmniSegNet(train.model_config(config))
+  inputs = train.dummy_inputs(config)
+  params = nn.unbox(jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), **inputs))["params"])
+  forward = lambda p: model.apply({"params": p}, **inputs, deterministic=False,  # noqa: E731
+                                  rngs={"dropout": jax.random.PRNGKey(1)})
+  return str(jax.make_jaxpr(forward)(params)).count("random_bits")
+
+
+def test_the_demo_step_draws_no_dropout_masks_and_its_joint_stage_mixes_whole_batches():
+  # The demo's time goes into its steps (RESULTS.md, 'A cheaper demo step'): no random masks in any stage ...
+  assert _random_draws_in_a_training_forward("demo") == 0
+  assert _random_draws_in_a_training_forward("demo_long") > 0  # (the count sees them where they are on)
+  # ... and stage 3 interleaves whole text and visual batches, so a text batch takes the text-only step.
+  config = joint.get_config("demo")
+  assert config.mix_unit == "batch" and tuple(config.mix_ratio) == (7, 2)
 
 
 def test_compilation_cache_is_turned_on_and_capped(tmp_path):

@@ -11,7 +11,7 @@ demo's wall time is almost all optimiser steps.
 
 Timed: `--steps` steps after one warm-up (the compile) of each step kind, on batches drawn from the real pipeline
 beforehand, so the figure excludes input time (the pipeline's own throughput is benchmarks/input_pipeline.py).
-Each batch takes the step the trainer gives it: with `mix_unit='batch'` (demo_long), joint's text batches take
+Each batch takes the step the trainer gives it: with `mix_unit='batch'` (both demos), joint's text batches take
 the text-only step.
 """
 

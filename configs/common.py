@@ -173,7 +173,7 @@ def base_config(variant: str = "") -> ml_collections.ConfigDict:
   # Steps between evaluations on the test splits (0: only at the end of the stage); demo_long draws test curves.
   c.eval_every = 2000 if variant == "demo_long" else 0
   # Steps between checkpoints (and always at the end). A save of the demo's 32 M state values costs ~1.4 s of
-  # training on 2 cores; every 500 steps, a killed demo loses at most ~2 minutes.
+  # training on 2 cores; a killed demo loses at most 500 steps (1.5-3 minutes, by the day's speed).
   c.checkpoint_every = 500 if demo else 2000
   c.keep_checkpoints = 2  # Checkpoints kept per stage (the newest).
   c.async_checkpointing = True  # Write checkpoints in the background while training continues.

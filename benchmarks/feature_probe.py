@@ -31,6 +31,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from omniris_jax import steps, train  # noqa: E402
 from omniris_jax.data import pipeline  # noqa: E402
+from omniris_jax.models import factory  # noqa: E402
 from tfds_omniref.omniref import omniref_dataset_builder, shapes  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/joint.py:demo_long", "The config the run trained with.")
@@ -65,7 +66,7 @@ def main(argv):
   dataset = pipeline.make_dataset(
       source, resolution=config.input.resolution, batch_size=config.eval.batch_size,
       max_text_len=config.input.max_text_len, seed=config.seed, shuffle=False, num_epochs=1, prompt_types=None,
-      pad_to_full_batches=True, vocab_path=train.text_encoder_vocab(config))
+      pad_to_full_batches=True, vocab_path=factory.text_encoder_vocab(config))
   capture = jax.jit(lambda p, batch: model.apply(
       {"params": p}, **steps.model_inputs(batch, ("text",)), deterministic=True, capture_intermediates=True,
       mutable=["intermediates"])[1]["intermediates"])

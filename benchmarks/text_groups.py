@@ -36,6 +36,8 @@ from ml_collections import config_flags
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from omniris_jax import metrics, sharding, steps, train  # noqa: E402
+from omniris_jax.data import visualize  # noqa: E402
+from omniris_jax.evaluators import referring  # noqa: E402
 from tfds_omniref.omniref import omniref_dataset_builder, shapes  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/joint.py:demo_long", "The config the run trained with.")
@@ -131,7 +133,7 @@ def main(argv):
   eval_fn = jax.jit(functools.partial(steps.eval_step, model=model),
                     in_shardings=(shardings, sharding.batch_sharding(mesh)))
   with tempfile.TemporaryDirectory() as scratch:  # Evaluator writes nothing unless asked to run(); keep it away
-    evaluator = train.Evaluator(config, mesh, eval_fn, scratch, _WORKDIR.value)
+    evaluator = referring.Evaluator(config, mesh, eval_fn, scratch, _WORKDIR.value)
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
       samples = evaluator.predict(params, _SPLIT.value)
   records = evaluator.sources[_SPLIT.value]
@@ -160,7 +162,7 @@ def main(argv):
     said = "said no target" if score.outcome == "FP" else f"IoU {score.iou:.2f}"
     print(f"  {said:>15}  {int(sample['index']):>5}  {text!r}")
   if _DRAW.value and worst:
-    train.draw_predictions([sample for _, _, sample in worst], [text for _, text, _ in worst], _DRAW.value,
+    visualize.draw_predictions([sample for _, _, sample in worst], [text for _, text, _ in worst], _DRAW.value,
                            title=f"{_SPLIT.value}, stage {stage!r} at step {step}: the lowest-IoU prompts, "
                                  "predictions in green")
     print(f"Wrote {_DRAW.value}.")

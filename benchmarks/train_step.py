@@ -34,7 +34,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from configs import joint  # noqa: E402
 from omniris_jax import optim, steps, train  # noqa: E402
-from omniris_jax.models import omnisegnet  # noqa: E402
+from omniris_jax.data import sources  # noqa: E402
+from omniris_jax.models import factory  # noqa: E402
 
 _STAGES = flags.DEFINE_list("stages", ["alignment", "visual", "joint"], "stages of configs/joint.py:<variant> to time.")
 _VARIANT = flags.DEFINE_enum("variant", "demo", ["demo", "demo_long"], "config variant of configs/joint.py.")
@@ -52,19 +53,19 @@ def time_stage(stage: str, num_steps: int, differentiate_frozen: bool) -> float:
   """Mean seconds per step over `num_steps` steps (one compile + warm-up step excluded)."""
   config = joint.get_config(_VARIANT.value)  # Stage 3 itself; it holds the configs of the stages before it.
   config = config if stage == config.stage else train.stage_config(config, stage)
-  model = omnisegnet.OmniSegNet(train.model_config(config))
+  model = factory.make_model(config)
   tx, _ = optim.make_optimizer(config.optimizer, config.total_steps)
-  params = nn.unbox(model.init(jax.random.PRNGKey(0), **train.dummy_inputs(config))["params"])
+  params = nn.unbox(model.init(jax.random.PRNGKey(0), **factory.dummy_inputs(config))["params"])
   state = steps.TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
   frozen = None if differentiate_frozen else optim.frozen_mask(params, tuple(config.optimizer.schedule))
   jit_step = lambda prompts: jax.jit(functools.partial(  # noqa: E731
       steps.train_step, model=model, tx=tx, loss_config=config.loss, seed=config.seed, prompts=prompts,
-      frozen=frozen), donate_argnums=0)
-  full_step, text_step = jit_step(tuple(config.prompts)), jit_step(("text",))
-  both = set(config.prompts) == {"text", "visual"}
-  # The trainer's choice: a batch without a visual prompt takes the text-only step (train.py).
-  pick = lambda batch: full_step if not both or train.batch_has_visual_prompt(batch) else text_step  # noqa: E731
-  iterator = train.make_train_iterator(config, config.input.batch_size)
+      loss_fn=factory.loss_fn(config), frozen=frozen), donate_argnums=0)
+  full_step = jit_step(tuple(config.prompts))
+  text_step = jit_step(("text",)) if config.train_data == "mixed" and config.mix_unit == "batch" else None
+  # The trainer's choice: a text batch of a stream mixed by whole batches takes the text-only step.
+  pick = lambda batch: train.pick_train_step(batch, full_step, text_step)  # noqa: E731
+  iterator = sources.make_train_iterator(config, config.input.batch_size)
   batches = [next(iterator) for _ in range(num_steps)]
   step_fns = [pick(batch) for batch in batches]
   batches = [_device_batch(batch) for batch in batches]

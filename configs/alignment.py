@@ -23,5 +23,4 @@ def get_config(arg: str = ""):
   c.init_from = None  # The first stage starts from scratch (+ the pretrained text encoder).
   c.train_data = "text"  # dataset.text_source only.
   c.prompts = ("text",)  # Text prompts only: the visual prompt encoder is not run.
-  c.total_steps = common.stage_steps(arg, "alignment")  # Optimiser steps of this stage.
-  return c
+  return common.for_variant(c, arg)

@@ -5,7 +5,7 @@ stage 1 (alignment.py) -> stage 2 (visual.py) -> stage 3, each in WORKDIR/<stage
 previous one; re-running the same command resumes where it stopped.
 
   python -m omniris_jax.main --config=configs/joint.py:demo --workdir=workdir/demo            # 3 stages, CPU
-  python -m omniris_jax.main --config=configs/joint.py:demo_long --workdir=workdir/demo_long  # 1h41, 2 cores
+  python -m omniris_jax.main --config=configs/joint.py:demo_long --workdir=workdir/demo_long  # ~2 h, CPU
   python -m omniris_jax.main --config=configs/joint.py --workdir=gs://bucket/omniris          # paper, stage 3
 """
 
@@ -28,13 +28,7 @@ def get_config(arg: str = ""):
   c.train_data = "mixed"  # dataset.text_source and dataset.visual_source interleaved ...
   c.mix_ratio = (7, 2)  # ... 7 text-guided : 2 visual-guided examples (paper Table 5's best).
   c.prompts = ("text", "visual")  # Both prompt encoders.
-  c.total_steps = common.stage_steps(arg, "joint")  # Optimiser steps of this stage.
-  if arg == "demo_long":
-    # The warm restart to 1e-3 knocked every split back (text cIoU 48.0 -> 45.4 at joint step 2000); at 3e-4
-    # there is no dip and text is ahead through step 10000; both peaks end level (RESULTS.md, "demo_long
-    # with a lower joint learning rate"). Stages 1 and 2 keep their own 1e-3.
-    c.optimizer.learning_rate = 3e-4
-  if arg.startswith("demo"):
-    c.run_before = ("alignment", "visual")  # One command runs the whole regime.
+  if arg:  # The demos run the whole regime from one command.
+    c.run_before = ("alignment", "visual")
     c.stage_configs = {"alignment": alignment.get_config(arg), "visual": visual.get_config(arg)}
-  return c
+  return common.for_variant(c, arg)

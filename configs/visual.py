@@ -1,9 +1,9 @@
 """Stage 2, visual instruction tuning (paper Sec. 5): visual prompts, text encoder frozen.
 
-Starts from stage 1's parameters (`init_from='alignment'`); the text encoder (and its projection) get no updates
-and hold no optimiser state. The paper trains on OmniRef's visual train split; the demo on the visual and omni
-examples of the synthetic shapes train split. (The paper reports that this stage alone degrades text referring,
-which stage 3 restores.)
+Starts from stage 1's parameters (`init_from='alignment'`); the text encoder (BERT) gets no updates and holds no
+optimiser state, while the text projection after it still trains. The paper trains on OmniRef's visual train
+split; the demo on the visual and omni examples of the synthetic shapes train split. (The paper reports that this
+stage alone degrades text referring, which stage 3 restores.)
 
   python -m omniris_jax.main --config=configs/visual.py:demo --workdir=workdir/demo     # after alignment.py:demo
   python -m omniris_jax.main --config=configs/visual.py --workdir=gs://bucket/omniris   # paper recipe
@@ -27,5 +27,4 @@ def get_config(arg: str = ""):
   c.prompts = ("text", "visual")  # Omni examples carry text too.
   c.optimizer.schedule = (("text_encoder/.*", None),  # Frozen: BERT keeps its stage-1 weights.
                           (".*", "default"))
-  c.total_steps = common.stage_steps(arg, "visual")  # Optimiser steps of this stage.
-  return c
+  return common.for_variant(c, arg)

@@ -7,13 +7,13 @@ Each checkpoint step directory holds two items:
 The manager keeps the last `max_to_keep` steps and only ever exposes complete ones (orbax writes to a temporary
 directory and renames it when done), so `kill -9` at any moment leaves the previous checkpoint intact.
 
-Where a stage's state comes from (`restore_or_initialize`), in this order:
-  1. resume: the newest readable checkpoint in this stage's directory (a checkpoint that fails to read is named
-     in a warning and the one before it is tried);
-  2. init_from: the parameters (only) of the newest checkpoint in `config.init_from` (the previous stage);
-     parameters that the previous stage did not have, or had with another shape, keep their fresh
-     initialisation and are listed; the optimiser starts fresh;
-  3. scratch: the fresh initialisation (with the pretrained text encoder when the config asks for it).
+Where a stage's state comes from, in the order the trainer tries them:
+  1. resume (`restore_latest`): the newest readable checkpoint in this stage's directory (one that fails to read
+     is named in a warning and the one before it is tried);
+  2. init_from (`load_params_from`): the parameters only of the newest checkpoint in `config.init_from` (the
+     previous stage); parameters it lacks, or holds with another shape, keep their fresh initialisation and are
+     listed; the optimiser starts fresh;
+  3. scratch: the fresh initialisation (with the pretrained text encoder when the config names one).
 """
 
 from __future__ import annotations
@@ -106,11 +106,12 @@ def latest_step_directory(directory: str) -> str | None:
 
 
 def load_params_from(directory: str, abstract_params: Any, fresh_params: Any, log=print) -> Any:
-  """`fresh_params` with every parameter that the newest checkpoint in `directory` holds (same path and shape)
-  replaced by the saved value (restored straight into the target shardings); the others are listed.
+  """`fresh_params` overwritten by the newest checkpoint's parameters in `directory` that match in path and shape.
+
+  Saved values are restored straight into the target shardings; parameters left fresh are logged.
 
   Raises:
-    FileNotFoundError: when `directory` holds no checkpoint (name it, say which stage writes it).
+    FileNotFoundError: when `directory` holds no checkpoint.
   """
   step_dir = latest_step_directory(directory)
   if step_dir is None:

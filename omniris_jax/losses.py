@@ -1,6 +1,6 @@
 """OmniSegNet's training losses: what the model's output dict is pulled towards, for any batch of the contract.
 
-The terms (DESIGN.md §6; ReLA's/the release's `ReferringCriterion`, paper eq. 11 with free lambdas):
+The terms (ReLA's and the release's `ReferringCriterion`; paper eq. 11 with free lambdas):
 
   mask       class-weighted 2-class cross-entropy of the stride-4 mask logits against the ground-truth mask at
              full resolution: the logits are bilinearly UPSAMPLED to the ground truth's size (half-pixel centres,
@@ -16,26 +16,15 @@ The terms (DESIGN.md §6; ReLA's/the release's `ReferringCriterion`, paper eq. 1
 
   dice       (optional, `dice_weight`, 0 in ReLA) 1 - (2 sum(p g) + 1) / (sum p + sum g + 1) per example on the
              full-resolution foreground probability p, averaged over the examples WITH a referent. The
-             class-weighted CE alone lets an unsure model paint nothing (a referent covers ~5% of a shapes image,
-             so p_fg < 0.5 everywhere is its cheapest guess, and IoU is then 0); dice scores the overlap itself.
-             On an empty ground truth dice would charge half its maximum for one painted pixel, and a model that
-             cannot yet tell whether the referent is there learns to paint nothing (benchmarks/RESULTS.md), so
-             no-target examples are left to the CE and the no-target term.
-  category   (optional, `category_weight`, ours) CE of the scene-parsing head's `category_logits` against the
-             batch's `category_map` (0 background, 1 + category; generated training data only), background
-             weighted by `category_background_weight`, on every example.
-  colour     (optional, `colour_weight`, ours) self-supervised: squared error of the colour head's `colour`
-             (B, h, w, 3) against the batch's own `image` area-averaged to (h, w) and scaled to [-1, 1], summed
-             over the channels and averaged over the pixels; with a `category_map` in the batch, background
-             pixels weigh `colour_background_weight` (objects 1), on every example. It keeps the shapes'
-             colours in the features the masks are read from.
+             class-weighted CE alone lets an unsure model paint nothing when referents are small (p_fg < 0.5
+             everywhere is its cheapest guess); dice scores the overlap itself. On an empty ground truth dice would
+             charge half its maximum for one painted pixel, so no-target examples are left to the CE and the
+             no-target term.
 
   `mask_loss_on_no_target=False` also drops no-target examples from the mask and region terms (ReLA: True).
 
-  total = loss_scale * (mask_weight * mask + region_weight * region + nt_weight * no_target + dice_weight * dice
-                       + category_weight * category + colour_weight * colour)
-          + per_prompt_weight * (the same sum but the category and colour terms, on each prompt's own outputs, omni
-                                 examples only)
+  total = loss_scale * (mask_weight * mask + region_weight * region + nt_weight * no_target + dice_weight * dice)
+          + per_prompt_weight * (the same sum on each prompt's own outputs, omni examples only)
 
 Per-prompt terms: an omni example (has_text and has_visual) also carries each prompt's own ground truth
 (`text_mask`, `visual_mask`), so the per-prompt outputs (`text_*_logits`, `visual_*_logits`) get the three terms
@@ -67,14 +56,14 @@ _CENTER_THRESHOLD = 1.0 - 1e-3
 
 
 def default_loss_config() -> ml_collections.ConfigDict:
-  """The loss config (the trainer keeps it at `config.loss`); defaults = the release/ReLA recipe (DESIGN.md §6)."""
+  """The loss config (the trainer keeps it at `config.loss`); defaults = the release/ReLA recipe."""
   c = ml_collections.ConfigDict()
   c.loss_scale = 5.0  # Multiplies the three combined terms (ReLA's loss weight 5.0).
   c.mask_weight = 1.0  # lambda_1: full-resolution mask cross-entropy.
   c.region_weight = 0.1  # lambda_2: region ("minimap") cross-entropy on the q x q grid.
   c.nt_weight = 0.1  # lambda_3: no-target cross-entropy.
   c.class_weights = (0.9, 1.1)  # (background, foreground) weights of every cross-entropy (ReLA).
-  # 'full': upsample the stride-4 logits to the ground truth's size (DESIGN.md); 'logits': downsample the ground
+  # 'full': upsample the stride-4 logits to the ground truth's size (ReLA); 'logits': downsample the ground
   # truth to the logits' size (antialiased bilinear, threshold 0.5): cheaper at 480, coarser boundaries.
   c.mask_resolution = "full"
   # 'center': ReLA's bilinear resize + truncation; 'any': a cell is foreground if any referent pixel falls in it.
@@ -86,17 +75,6 @@ def default_loss_config() -> ml_collections.ConfigDict:
   # lambdas); 0 skips them (and their cost).
   c.per_prompt_weight = 1.0
   c.dice_weight = 0.0  # Weight of the optional dice term on the full-resolution mask (0 = ReLA: CE only).
-  # Weight of the auxiliary scene-parsing CE (ours; 0 = off): the model's `category_logits` against the batch's
-  # dense `category_map` (0 background, 1 + category), counted on every example; needs both keys.
-  c.category_weight = 0.0
-  # Weight of the background class in that CE (objects weigh 1): background pixels outnumber object pixels ~10:1
-  # and, weighted equally, teach the head objectness more than categories.
-  c.category_background_weight = 1.0
-  # Weight of the auxiliary colour term (ours; 0 = off): the model's `colour` against the batch's own image,
-  # area-averaged to the colour head's grid; needs the model's colour_head. No labels needed.
-  c.colour_weight = 0.0
-  # Weight of background pixels in that term when the batch has a `category_map` (objects weigh 1).
-  c.colour_background_weight = 1.0
   # Whether no-target examples also train the masks towards empty (ReLA). False: the mask and region terms count
   # only examples with a referent, and the no-target head alone answers "is it there?".
   c.mask_loss_on_no_target = True
@@ -320,63 +298,5 @@ def compute_losses(outputs: Mapping[str, Array], batch: Mapping[str, Any], confi
       metrics.update({f"{name}_mask_loss": prompt_terms["mask"], f"{name}_region_loss": prompt_terms["region"],
                       f"{name}_nt_loss": prompt_terms["no_target"], f"{name}_dice_loss": prompt_terms["dice"],
                       f"{name}_loss": prompt_total})
-  category_weight = getattr(config, "category_weight", 0.0)
-  if category_weight:
-    if "category_logits" not in outputs or "category_map" not in batch:
-      raise KeyError("compute_losses: category_weight > 0 needs outputs['category_logits'] (set the model's "
-                     "num_categories) and batch['category_map'] (generated training data with category maps)")
-    category_term = category_loss(outputs["category_logits"], jnp.asarray(batch["category_map"]), valid,
-                                  getattr(config, "category_background_weight", 1.0))
-    total = total + config.loss_scale * category_weight * category_term
-    metrics["category_loss"] = category_term
-  colour_weight = getattr(config, "colour_weight", 0.0)
-  if colour_weight:
-    if "colour" not in outputs or "image" not in batch:
-      raise KeyError("compute_losses: colour_weight > 0 needs outputs['colour'] (set the model's colour_head) and "
-                     "batch['image']")
-    objects = jnp.asarray(batch["category_map"]) > 0 if "category_map" in batch else None
-    colour_term = colour_loss(outputs["colour"], jnp.asarray(batch["image"]), valid, objects,
-                              getattr(config, "colour_background_weight", 1.0))
-    total = total + config.loss_scale * colour_weight * colour_term
-    metrics["colour_loss"] = colour_term
   metrics["loss"] = total
   return total, {key: jnp.asarray(value, jnp.float32) for key, value in metrics.items()}
-
-
-def colour_loss(colour: Array, image: Array, valid: Array, objects: Array | None = None,
-                background_weight: float = 1.0) -> Array:
-  """Squared error of (B, h, w, 3) predictions against the (B, H, W, 3) 0..255 `image` area-averaged to (h, w)
-  and scaled to [-1, 1], summed over channels and averaged over the `valid` examples' pixels; with (B, H, W)
-  bool `objects`, a pixel weighs background_weight + (1 - background_weight) * (its object fraction)."""
-  batch, h, w, channels = colour.shape
-  if image.ndim != 4 or image.shape[0] != batch or image.shape[-1] != channels:
-    raise ValueError(f"colour_loss: {image.shape=} must be (B={batch}, H, W, {channels}) for {colour.shape=}")
-  target = _area_average(image.astype(jnp.float32), h, w) / 127.5 - 1.0
-  error = jnp.square(colour.astype(jnp.float32) - target).sum(axis=-1)
-  weights = jnp.broadcast_to(_per_example_valid(valid, 3), error.shape).astype(jnp.float32)
-  if objects is not None:
-    fraction = _area_average(objects.astype(jnp.float32)[..., None], h, w)[..., 0]
-    weights = weights * (background_weight + (1.0 - background_weight) * fraction)
-  return (weights * error).sum() / jnp.maximum(weights.sum(), 1e-12)
-
-
-def _area_average(x: Array, h: int, w: int) -> Array:
-  """(B, H, W, C) -> (B, h, w, C): the mean of each cell's pixels when h and w divide H and W (the stride-4
-  grid of any input the model accepts), else an antialiased bilinear resize."""
-  batch, height, width, channels = x.shape
-  if height % h or width % w:
-    return jax.image.resize(x, (batch, h, w, channels), method="linear", antialias=True)
-  return x.reshape(batch, h, height // h, w, width // w, channels).mean(axis=(2, 4))
-
-
-def category_loss(category_logits: Array, category_map: Array, valid: Array,
-                  background_weight: float = 1.0) -> Array:
-  """CE of (B, h, w, K) logits, bilinearly upsampled, against (B, H, W) integer labels in [0, K); class 0
-  (background) weighs `background_weight`, every category 1 (normalised like torch's weighted CE)."""
-  batch, height, width = category_map.shape
-  logits = category_logits.astype(jnp.float32)
-  if logits.shape[1:3] != (height, width):
-    logits = jax.image.resize(logits, (batch, height, width, logits.shape[-1]), method="bilinear",
-                              antialias=False)
-  class_weights = jnp.ones((logits.shape[-1],)).at[0].set(background_weight)
-  return weighted_cross_entropy(logits, category_map, class_weights, _per_example_valid(valid, 3))

@@ -19,7 +19,9 @@ import orbax.checkpoint as ocp
 import pytest
 from flax import linen as nn
 
-from omniris_jax import checkpointing, optim, sharding, steps, train
+from omniris_jax import checkpointing, optim, sharding, steps
+from omniris_jax.data import sources
+from omniris_jax.models import factory
 
 from test_train import run_main  # noqa: E402  (tests/ is on sys.path under pytest's rootdir conftest)
 import tiny_config  # noqa: E402
@@ -71,18 +73,18 @@ def test_killed_run_resumes_to_bitwise_the_same_parameters(uninterrupted, tmp_pa
 def _abstract_state_and_iterator(config):
   mesh = sharding.make_mesh(config.mesh)
   rules = sharding.make_rules(config.sharding.rules)
-  model = train.omnisegnet.OmniSegNet(train.model_config(config))
+  model = factory.make_model(config)
   tx, _ = optim.make_optimizer(config.optimizer, config.total_steps)
 
   def init_boxed(rng):
-    params = model.init(rng, **train.dummy_inputs(config))["params"]
+    params = model.init(rng, **factory.dummy_inputs(config))["params"]
     return steps.TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
 
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     boxed = jax.eval_shape(init_boxed, jax.random.PRNGKey(0))
   shardings = sharding.state_shardings(boxed, mesh, rules)
   abstract = checkpointing.abstract_state(shardings, sharding.plain(boxed))
-  return abstract, train.make_train_iterator(config, config.input.batch_size)
+  return abstract, sources.make_train_iterator(config, config.input.batch_size)
 
 
 def test_unreadable_checkpoint_is_named_and_the_previous_one_used(uninterrupted, tmp_path):

@@ -231,29 +231,3 @@ def test_unknown_fusion_is_rejected():
   with pytest.raises(ValueError, match="fusion"):
     prompt_config(fusion="concat")
 
-
-def test_prompt_box_spans_the_foreground_pixels():
-  prompt = jnp.zeros((3, 8, 10)).at[0, 2:5, 3:7].set(1.0).at[1, 7, 9].set(1.0)
-  start, size = prompt_encoder_lib.prompt_box(prompt)
-  np.testing.assert_allclose(start, [[0.3, 0.25], [0.9, 0.875], [0.0, 0.0]], atol=1e-6)
-  np.testing.assert_allclose(size, [[0.4, 0.375], [0.1, 0.125], [1.0, 1.0]], atol=1e-6)  # empty: whole image
-
-
-def test_prototype_queries_carry_the_prompt_without_fusion():
-  """With fusion 'none' the prompt reaches the tokens only through the prototype added to the queries."""
-  variables, (tokens_a, _), (tokens_b, _) = prompt_tokens_for_both_prompts(
-      prompt_config(fusion="none", prototype_queries=True))
-  assert "prototype_proj" in variables["params"]
-  assert max_abs(tokens_a - tokens_b) > 1e-3
-
-
-def test_queries_in_prompt_box_move_the_reference_points_only():
-  features = swin_like_features(1)
-  plain = prompt_encoder_lib.OmniPromptEncoder(prompt_config(fusion="none"))
-  boxed = prompt_encoder_lib.OmniPromptEncoder(prompt_config(fusion="none", queries_in_prompt_box=True))
-  variables = plain.init(jax.random.key(0), features, PROMPT_A)  # no parameters of its own
-  whole_image = jnp.ones((BATCH, HEIGHT, WIDTH))
-  np.testing.assert_allclose(boxed.apply(variables, features, whole_image)[0],
-                             plain.apply(variables, features, whole_image)[0], rtol=1e-5, atol=1e-5)
-  tokens_a, tokens_b = (boxed.apply(variables, features, p)[0] for p in (PROMPT_A, PROMPT_B))
-  assert max_abs(tokens_a - tokens_b) > 1e-3

@@ -11,7 +11,7 @@ from flax import linen as nn
 from omniris_jax import main
 from omniris_jax import train
 from omniris_jax.data import prepare
-from omniris_jax.models import omnisegnet
+from omniris_jax.models import factory
 
 from configs import joint  # noqa: E402  (configs/ is importable from the repo root, where pytest runs)
 
@@ -63,8 +63,8 @@ def test_each_stage_of_a_demo_keeps_its_own_learning_rate_and_freezing_but_share
 def _random_draws_in_a_training_forward(variant: str) -> int:
   """random_bits draws (dropout, drop-path masks) traced by a training-mode forward of `variant`'s model."""
   config = joint.get_config(variant)
-  model = omnisegnet.OmniSegNet(train.model_config(config))
-  inputs = train.dummy_inputs(config)
+  model = factory.make_model(config)
+  inputs = factory.dummy_inputs(config)
   params = nn.unbox(jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), **inputs))["params"])
   forward = lambda p: model.apply({"params": p}, **inputs, deterministic=False,  # noqa: E731
                                   rngs={"dropout": jax.random.PRNGKey(1)})
@@ -72,7 +72,7 @@ def _random_draws_in_a_training_forward(variant: str) -> int:
 
 
 def test_the_demo_step_draws_no_dropout_masks_and_its_joint_stage_mixes_whole_batches():
-  # The demo's time goes into its steps (RESULTS.md, 'A cheaper demo step'): no random masks in any stage ...
+  # The demo's time goes into its steps: no random masks in any stage ...
   assert _random_draws_in_a_training_forward("demo") == 0
   assert _random_draws_in_a_training_forward("demo_long") > 0  # (the count sees them where they are on)
   # ... and stage 3 interleaves whole text and visual batches, so a text batch takes the text-only step.

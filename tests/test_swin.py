@@ -246,31 +246,3 @@ def test_config_rejects_inconsistent_heads():
   with pytest.raises(ValueError, match="num_heads"):
     swin.SwinConfig(embed_dim=6, depths=(2, 2), num_heads=(4, 4), window_size=7)
 
-
-# ------------------------------------------------------------------------------------------------- conv stem
-def test_conv_stem_overlaps_patches_and_keeps_the_strides():
-  """The conv stem gives the same stride-4 grid, and a token sees pixels of its neighbouring patches (the
-  plain patch embedding does not): that overlap is what the stem is for."""
-  images = np.random.default_rng(0).standard_normal((1, 16, 16, 3)).astype(np.float32)
-  nudged = images.copy()
-  nudged[0, 3, 3] += 1.0  # the bottom-right pixel of token (0, 0)'s patch, next to token (1, 1)'s
-  outputs = {}
-  for conv_stem in (False, True):
-    embed = swin.PatchEmbedding(8, 4, conv_stem=conv_stem)
-    params = nn.unbox(embed.init(jax.random.key(0), images)["params"])
-    outputs[conv_stem] = [np.asarray(embed.apply({"params": params}, x)) for x in (images, nudged)]
-    if conv_stem:
-      assert sorted(params) == ["norm", "projection", "stem0", "stem1"]
-      assert params["stem0"]["kernel"].shape == (3, 3, 3, 8)  # width max(8 // 2, 8): never below 8
-      assert params["projection"]["kernel"].shape == (1, 1, 8, 8)
-  for conv_stem, (plain, changed) in outputs.items():
-    assert plain.shape == (1, 4, 4, 8)
-    moved = np.abs(changed - plain).max(-1) > 1e-6
-    assert moved[0, 0, 0]
-    assert moved[0, 1, 1] == conv_stem, f"{conv_stem=}: token (1, 1) must see its neighbour only with the stem"
-    assert not moved[0, 2:, :].any() and not moved[0, :, 2:].any()  # a token's field is 7 px wide, not the image
-
-
-def test_conv_stem_needs_a_power_of_two_patch():
-  with pytest.raises(ValueError, match="power-of-two patch_size"):
-    swin.SwinConfig(embed_dim=8, depths=(2,), num_heads=(1,), patch_size=3, conv_stem=True)

@@ -56,9 +56,9 @@ def test_progress_lines_and_the_table_with_the_baseline_are_printed(trained):
 
 
 def test_the_eta_leaves_out_the_compile_and_evaluations_and_one_slow_interval_barely_moves_it():
-  from omniris_jax import train  # pylint: disable=g-import-not-at-top
+  from omniris_jax import progress  # pylint: disable=g-import-not-at-top
   now = [0.0]
-  timer = train.StepTimer(0, 1000, smoothing=0.25, clock=lambda: now[0])
+  timer = progress.StepTimer(0, 1000, smoothing=0.25, clock=lambda: now[0])
   now[0] = 60.0  # step 1 holds the compile
   assert timer.tick(1) == (1 / 60, None)
   now[0] += 9.0  # steps 2-10 at 1 s each
@@ -130,26 +130,26 @@ def test_real_dataset_that_is_missing_fails_fast_naming_it(tmp_path):
 
 def test_a_text_encoder_smaller_than_the_tokenizer_vocabulary_is_refused():
   # Ids past the embedding table give NaN text features without any error; the config must not get that far.
-  from omniris_jax import train  # pylint: disable=g-import-not-at-top
+  from omniris_jax.models import factory  # pylint: disable=g-import-not-at-top
   config = tiny_config.get_config("alignment")
   config.model.overrides.bert = {"vocab_size": 99}
   with pytest.raises(ValueError, match=r"has 30522 tokens but the model's text encoder embeds only"):
-    train.model_config(config)
+    factory.model_config(config)
 
 
 def test_generated_training_source_is_the_procedural_train_split_and_refuses_stored_splits():
   import ml_collections  # pylint: disable=g-import-not-at-top
-  from omniris_jax import train  # pylint: disable=g-import-not-at-top
+  from omniris_jax.data import sources  # pylint: disable=g-import-not-at-top
 
   source_config = ml_collections.ConfigDict(dict(
       name="omniref/shapes_tiny", split="train", data_dir=tiny_config.TINY_DATA_DIR, modalities=("text",),
       generated=True, category_maps=True))
-  source = train.open_training_source(source_config)
+  source = sources.open_training_source(source_config)
   assert len(source) > 1_000_000  # far beyond the 18 stored examples: every step sees new scenes
   assert all(source[i]["modality"] == 0 for i in range(3)) and "category_map" in source[0]
   source_config.split = "text_test"
   with pytest.raises(ValueError, match="generated=True needs the train split of a procedural dataset"):
-    train.open_training_source(source_config)
+    sources.open_training_source(source_config)
 
 
 def _text_only_batch(batch_size: int = 4, size: int = 64, text_len: int = 8) -> dict:
@@ -184,22 +184,21 @@ def test_a_batch_without_visual_prompts_gets_the_same_update_from_the_text_only_
   import numpy.testing as npt  # pylint: disable=g-import-not-at-top
   from flax import linen as nn  # pylint: disable=g-import-not-at-top
 
-  from omniris_jax import optim, steps, train  # pylint: disable=g-import-not-at-top
-  from omniris_jax.models import omnisegnet  # pylint: disable=g-import-not-at-top
+  from omniris_jax import optim, steps  # pylint: disable=g-import-not-at-top
+  from omniris_jax.models import factory  # pylint: disable=g-import-not-at-top
 
   config = tiny_config.get_config("joint")
-  model = omnisegnet.OmniSegNet(train.model_config(config))
+  model = factory.make_model(config)
   tx, _ = optim.make_optimizer(config.optimizer, config.total_steps)
-  params = nn.unbox(jax.jit(model.init)(jax.random.PRNGKey(0), **train.dummy_inputs(config))["params"])
+  params = nn.unbox(jax.jit(model.init)(jax.random.PRNGKey(0), **factory.dummy_inputs(config))["params"])
   state = steps.TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
   frozen = optim.frozen_mask(params, tuple(config.optimizer.schedule))
   batch = _text_only_batch(config.input.batch_size, config.input.resolution, config.input.max_text_len)
-  assert not train.batch_has_visual_prompt(batch)
-  assert train.batch_has_visual_prompt({**batch, "has_visual": np.eye(1, len(batch["has_visual"]), 0, bool)[0]})
 
   batch = {k: jnp.asarray(v) for k, v in batch.items()}
   full_step, text_step = (jax.jit(functools.partial(steps.train_step, model=model, tx=tx, loss_config=config.loss,
-                                                    seed=config.seed, prompts=prompts, frozen=frozen))
+                                                    seed=config.seed, prompts=prompts, frozen=frozen,
+                                                    loss_fn=factory.loss_fn(config)))
                           for prompts in (("text", "visual"), ("text",)))
   state, _ = full_step(state, batch)  # past the warmup's zero learning rate
   params = state.params
@@ -217,3 +216,57 @@ def test_a_batch_without_visual_prompts_gets_the_same_update_from_the_text_only_
                         err_msg=jax.tree_util.keystr(path))
     moved += int(not np.array_equal(np.asarray(full), np.asarray(before)))
   assert moved > 10  # the step really updated parameters (so the comparison compares something)
+
+
+def _no_collectives(monkeypatch):
+  """Makes every multi-host collective of jax.experimental.multihost_utils raise."""
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+
+  def refuse(*args, **kwargs):
+    raise AssertionError("a cross-host collective was called")
+
+  for name in ("process_allgather", "sync_global_devices", "broadcast_one_to_all"):
+    monkeypatch.setattr(multihost_utils, name, refuse)
+
+
+def test_the_step_for_a_batch_is_read_from_the_batch_without_asking_the_other_processes(monkeypatch):
+  # In a 2-process world every process must take the same compiled step at the same time; the choice is read
+  # from the batch's recorded source, which the batch-mixed stream makes the same on every process.
+  import jax  # pylint: disable=g-import-not-at-top
+
+  from omniris_jax import train  # pylint: disable=g-import-not-at-top
+  from omniris_jax.data import sources  # pylint: disable=g-import-not-at-top
+
+  config = tiny_config.get_config("joint")
+  assert config.mix_unit == "batch" and tuple(config.mix_ratio) == (7, 2)
+  iterator = sources.make_train_iterator(config, config.input.batch_size)
+  batches = [next(iterator) for _ in range(9)]
+  _no_collectives(monkeypatch)
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  picked = [train.pick_train_step(batch, "full", "text") for batch in batches]
+  assert picked.count("text") == 7 and picked.count("full") == 2
+  for batch, step in zip(batches, picked):  # the text-only step only for batches with no visual prompt at all
+    assert (step == "text") == (not np.asarray(batch["has_visual"]).any())
+  # Streams mixed example by example (the paper's) carry no source: always the full step.
+  assert train.pick_train_step({k: v for k, v in batches[0].items() if k != "source"}, "full", "text") == "full"
+  assert train.pick_train_step(batches[0], "full", None) == "full"
+
+
+def test_the_paper_recipe_s_step_loop_makes_no_cross_host_collective(monkeypatch, tmp_path):
+  # The joint stage mixed example by example (the paper's recipe), every collective refused: the loop, the
+  # checkpoints and the final evaluation run through.
+  from omniris_jax import train  # pylint: disable=g-import-not-at-top
+
+  config = tiny_config.get_config("joint")
+  with config.unlocked():
+    config.mix_unit = "example"
+    config.init_from = None
+    config.total_steps = 3
+  _no_collectives(monkeypatch)
+  picked = []
+  pick = train.pick_train_step
+  monkeypatch.setattr(train, "pick_train_step", lambda *args: picked.append(pick(*args)) or picked[-1])
+  results = train.train_and_evaluate(config, str(tmp_path))
+  assert len(picked) == 3 and len(set(map(id, picked))) == 1  # one compiled step for every batch
+  assert set(results) == set(config.dataset.test_splits)
+  assert (tmp_path / "joint" / "checkpoints" / "3").is_dir()

@@ -36,7 +36,7 @@ def get_config(arg: str = "alignment"):
     c.eval.preview_per_split = 1
     c.model.preset = "tiny_test"
     c.model.text_encoder_checkpoint = None
-    c.model.overrides = {"bert": {"vocab_size": 30522}, "swin": {"conv_stem": True}, "num_categories": 8,
+    c.model.overrides = {"bert": {"vocab_size": 30522}, "conv_stem": True, "num_categories": 8,
                          "category_matching": True}
     c.optimizer.warmup_steps = 1
     c.total_steps = 6

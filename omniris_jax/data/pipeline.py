@@ -1,7 +1,7 @@
 """The grain input pipeline: OmniRIS records from any random-access source -> batches of the batch contract.
 
-Every dataset (shapes, OmniRef, the RIS benchmarks) yields records with the features of DESIGN.md section 3, so
-one pipeline serves all of them, for training, evaluation and the demo.
+Every dataset (shapes, OmniRef, the RIS benchmarks) yields records with the same features
+(`tfds_omniref/omniref/features.py`), so one pipeline serves all of them, for training, evaluation and the demo.
 
 Batch contract (numpy arrays with a leading batch dimension B; the model and trainer consume exactly this):
 
@@ -194,7 +194,7 @@ def make_dataset(
       evaluation, where a partial or missing batch on one process would stall the others.
     vocab_path: the tokenizer's vocab.txt; None uses the pretrained MiniLM vocabulary.
     read_threads: threads per process that produce batches ahead of `next()`, so input work overlaps the jitted
-      step (which releases the GIL); 0 produces each batch inside `next()` (benchmarks/RESULTS.md has figures).
+      step (which releases the GIL); 0 produces each batch inside `next()`.
     prefetch_batches: batches buffered ahead, per thread pool and per worker.
 
   Returns:
@@ -247,10 +247,11 @@ def make_mixed_dataset(
   `ratio[0] + ratio[1]` consecutive examples holds `ratio[0]` text-guided and `ratio[1]` visual-guided ones, so
   with `batch_size = 9` every batch is 7:2 as in the paper, and with other batch sizes the ratio holds over
   consecutive batches. With `mix_unit='batch'` the interleaved units are whole batches, each from one source:
-  every run of `ratio[0] + ratio[1]` consecutive batches holds `ratio[0]` text-guided ones. A batch without a
-  visual prompt lets the trainer skip the reference image's backbone pass and the visual decode (`train.py`),
-  which on the demo's CPU makes a text batch 40% cheaper than a mixed one (benchmarks/RESULTS.md). With a finite
-  `num_epochs` the stream ends when either source runs out.
+  every run of `ratio[0] + ratio[1]` consecutive batches holds `ratio[0]` text-guided ones, and each batch carries
+  `source` (B,) int32, 0 text / 1 visual. The mix is a function of the batch's position alone, so every process
+  sees the same source at the same step, and the trainer can give text batches a step that skips the reference
+  image's backbone pass and the visual decode without asking the other processes. With a finite `num_epochs` the
+  stream ends when either source runs out.
 
   Args:
     text_source: records with text prompts (e.g. gRefCOCO train).
@@ -280,7 +281,7 @@ def make_mixed_dataset(
   if mix_unit == "batch":
     text_batches, visual_batches = (
         _transformed(records, **transforms_args).batch(batch_size, drop_remainder=drop_remainder)
-        for records in (text_records, visual_records))
+        .map(transforms.TagBatchSource(code)) for code, records in enumerate((text_records, visual_records)))
     return _stream(grain.MapDataset.mix([text_batches, visual_batches], weights=ratio), **streaming)
   mixed = grain.MapDataset.mix([text_records, visual_records], weights=ratio).seed(seed)
   return _batched_iterable(_transformed(mixed, **transforms_args), batch_size=batch_size,

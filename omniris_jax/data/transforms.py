@@ -164,6 +164,16 @@ class MarkPadding(grain.transforms.Map):
     return {**element, PADDING_KEY: True}
 
 
+class TagBatchSource(grain.transforms.Map):
+  """Adds `source` (B,) int32 to a batch: which source of a mixed stream it came from (0 text, 1 visual)."""
+
+  def __init__(self, source: int):
+    self.source = source
+
+  def map(self, batch: Example) -> Example:
+    return {**batch, "source": np.full(len(batch["index"]), self.source, np.int32)}
+
+
 class DecodeAndValidate(grain.transforms.Map):
   """Decodes images given as bytes and checks every field a record needs, naming the record when one is bad.
 
@@ -327,7 +337,7 @@ class ResizeToResolution(grain.transforms.Map):
 # grain runs transforms on several threads. Building the tokenizer lazily from two threads at once fails
 # (transformers' lazy module import is not thread-safe: "cannot import name 'BertTokenizer'"), and a Rust-backed
 # HF tokenizer used from two threads at once can raise "Already borrowed"; one lock per process serialises both.
-# Tokenising a 20-token expression takes tens of microseconds, so the lock costs nothing measurable.
+# The lock is cheap: one expression tokenises in microseconds.
 _TOKENIZER_LOCK = threading.Lock()
 
 

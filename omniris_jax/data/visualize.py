@@ -1,9 +1,9 @@
 """Pictures of OmniRIS examples: target with ground truth (and predictions), reference image with its prompt.
 
-One function, `render_preview`, serves three readers: the dataset preview (`python -m
-tfds_omniref.omniref.shapes --preview out.png`), the main command's look at its data, and the trainer's
-prediction overlays. It takes examples in either form that exists in this project: as generated (numpy arrays,
-class names as strings) or as read back from TFDS (`text`/`id` as bytes, class labels as integer indices).
+`render_preview` serves three readers: the dataset preview (`python -m tfds_omniref.omniref.shapes --preview
+out.png`), the main command's look at its data, and the evaluator's prediction overlays (`draw_predictions`).
+It takes examples in either form that exists in this project: as generated (numpy arrays, class names as
+strings) or as read back from TFDS (`text`/`id` as bytes, class labels as integer indices).
 matplotlib is imported when a picture is drawn, never at import time.
 """
 
@@ -180,3 +180,18 @@ def render_preview(
   figure.tight_layout()
   figure.savefig(path, dpi=110)
   plt.close(figure)
+
+
+def draw_predictions(samples: Sequence[Mapping[str, Any]], texts: Sequence[Any], path: str, title: str) -> None:
+  """Draws samples of `Evaluator.predict` to a PNG: ground truth and prompts as `visualize.render_preview` draws
+  them, the predicted mask in green. `texts` are the samples' text prompts (from their source records)."""
+  examples = []
+  for sample, text in zip(samples, texts, strict=True):
+    prompt = sample["ref_prompt"].astype(np.uint8)
+    examples.append({"image": sample["image"], "text": text, "text_mask": sample["text_mask"],
+                     "visual_mask": sample["visual_mask"], "mask": sample["gt_mask"],
+                     "ref_image": sample["ref_image"], "ref_mask": prompt, "ref_box": prompt,
+                     "ref_scribble": prompt, "modality": int(sample["modality"]),
+                     "setting": int(sample["setting"]), "prompt_type": int(sample["prompt_type"]),
+                     "no_target": sample["gt_nt"]})
+  render_preview(examples, path, predictions=[sample["pred_mask"] for sample in samples], title=title)

@@ -21,21 +21,10 @@ Heads (ReLA's construction, our own code), all on the layer-normed region featur
                  `mask_features` F (B, H/4, W/4, M); the two output channels are the region-weighted sums
                  sum_q w[q, a] * <E_q, F>, with w = softmax(region logits) ('probabilities', default) or the raw
                  region logits ('logits', what ReLA's code does). Channel 1 = foreground.
-                 With `prompt_kernel` (ours, off by default) the prompt also paints directly: the mean of the
-                 valid prompt tokens, through an MLP, is a kernel added to the foreground embedding (CRIS's
-                 sentence-as-kernel), so a pixel's foreground logit rises with its match to the prompt. The
-                 region queries alone must first learn where their minimap cells are before they can pick one
-                 object; on small data they did not, and the mask stayed "every object" (benchmarks/RESULTS.md).
-  no-target logits (B, 2) = mean over queries of MLP(R); channel 1 = "no target". With `nt_evidence` (ours,
-                 off by default) a linear read of the decoder's own evidence is added: sigmoid of the largest
-                 region margin and of the largest pixel margin (foreground minus background logit) and the mean
-                 foreground probability of the mask. "No target" is then tied to "the mask is empty"; the plain
-                 head has to find absence in the mean of the region features alone, and on small data it did not
-                 (it stayed at the class prior, benchmarks/RESULTS.md).
-  With `mask_positions` (ours, off by default) a learned, zero-initialised projection of the sine position
-  encoding is added to F before the heads read it. A mask embedding can then say "these pixels, near here"
-  (CondInst's coordinates in the mask branch), not only "pixels that look like this": without it two objects
-  that look alike get the same logit, which is how "the diamond on the right" painted both diamonds.
+  no-target logits (B, 2) = mean over queries of MLP(R); channel 1 = "no target".
+
+`MaskDecoder.decode` also returns the intermediates that extensions build on (the region features and the
+foreground/background embeddings), so a subclass can add heads without the core branching for them.
 """
 
 from __future__ import annotations
@@ -46,7 +35,6 @@ from typing import Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import linen as nn
 
 from omniris_jax.models import layers
@@ -76,14 +64,6 @@ class MaskDecoderConfig:
       block 0 only, through a zero-initialised projection scaled by sigmoid(gate) * prompt_gate_scale).
     prompt_gate_scale: the fixed factor of the 'first' variant's gated prompt attention (ReLA's rla_weight).
     masked_attention: restrict each block's pixel cross-attention to the previous prediction's foreground.
-    prompt_kernel: add a kernel computed from the pooled prompt tokens to the foreground mask embedding (ours).
-    pixel_fusion: a per-pixel fusion head adds a prompt-conditioned term to the foreground logits (ours).
-    pixel_word_attention: the fusion head's pixels also attend to the prompt tokens one by one (ours; needs
-      pixel_fusion).
-    fusion_low_level: the fusion head's pixels also read the image encoder's stride-4 features, whose colours the
-      pixel encoder's top-down path washes out (ours; needs pixel_fusion and the decoder's `low_level_features`).
-    nt_evidence: the no-target head also reads the mask's and the regions' foreground evidence (ours).
-    mask_positions: add a learned projection of the pixels' sine positions to the mask features (ours).
     region_weighting: 'probabilities' (softmax of the region logits weights the per-query masks) or 'logits'
       (the raw region logits do, as in ReLA's code).
     dropout_rate: dropout after every attention / FFN (0 in ReLA).
@@ -101,12 +81,6 @@ class MaskDecoderConfig:
   prompt_gate_scale: float = 0.1
   masked_attention: bool = True
   region_weighting: str = "probabilities"
-  prompt_kernel: bool = False
-  pixel_fusion: bool = False
-  pixel_word_attention: bool = False
-  fusion_low_level: bool = False
-  nt_evidence: bool = False
-  mask_positions: bool = False
   dropout_rate: float = 0.0
   layer_norm_eps: float = 1e-5
 
@@ -116,12 +90,6 @@ class MaskDecoderConfig:
                        f"{_PROMPT_CROSS_ATTENTION_MODES}")
     if self.region_weighting not in _REGION_WEIGHTINGS:
       raise ValueError(f"MaskDecoderConfig: {self.region_weighting=} must be one of {_REGION_WEIGHTINGS}")
-    if self.fusion_low_level and not self.pixel_fusion:
-      raise ValueError("MaskDecoderConfig: fusion_low_level=True needs pixel_fusion=True (it feeds the fusion "
-                       "head)")
-    if self.pixel_word_attention and not self.pixel_fusion:
-      raise ValueError("MaskDecoderConfig: pixel_word_attention=True needs pixel_fusion=True (it conditions the "
-                       "pixel-fusion head)")
     if self.hidden_dim % self.num_heads:
       raise ValueError(f"MaskDecoderConfig: {self.hidden_dim=} must be a multiple of {self.num_heads=}")
     if self.hidden_dim % 4:
@@ -156,7 +124,7 @@ class MaskDecoderConfig:
     return cls(hidden_dim=16, num_heads=2, ffn_dim=32, query_grid=4, num_blocks=3, mask_dim=16)
 
 
-class _MlpHead(nn.Module):
+class MlpHead(nn.Module):
   """ReLU MLP `hidden_dim -> ... -> out_features` for the prediction heads (ReLA's MLP)."""
 
   hidden_dim: int
@@ -221,67 +189,6 @@ class MaskDecoderBlock(nn.Module):
     return layers.constrain(queries, ("batch", "length", "embed"))
 
 
-class PixelPromptFusion(nn.Module):
-  """Per-pixel fusion of the stride-4 features with the pooled prompt -> a foreground logit term (B, h, w).
-
-  Each pixel's features are modulated by the prompt (FiLM: scale and shift from the pooled prompt vector) and
-  told where they are (the pixel's normalised (x, y), for words such as "left" or "upper"), then two 3 x 3 convs
-  and a linear read-out. The region queries reach a pixel only through their embeddings and the minimap, which a
-  small model trained briefly does not learn (its masks stay "every object", benchmarks/RESULTS.md); this head
-  gives the prompt a direct, local path to every pixel, as the first referring-segmentation models did (fusing
-  the tiled sentence vector and spatial coordinates with the pixel features).
-
-  With `word_attention` (ours) each pixel also reads the prompt tokens one by one (LAVT's pixel-word attention,
-  here on the stride-4 features only): the pixel and its position ask, the tokens answer, and a zero-initialised
-  projection of the answer adds a per-pixel scale and shift to the pooled prompt's. A pooled sentence is one
-  vector for "the small diamond and the circle"; a diamond pixel can now listen to "diamond" and a circle pixel
-  to "circle". Zero-initialised, so the head starts as the pooled one.
-
-  With `low_level` features (ours) the pixels also carry a projection of the image encoder's stride-4 output.
-  The pixel encoder's mask features are built top-down from coarse, category-rich scales, and shape colours
-  fade in them (a linear probe reads a shape's colour from the stride-4 backbone features better than from the
-  mask features, benchmarks/RESULTS.md). In demo_long it lifted text cIoU a little; it did not teach red from
-  orange.
-  """
-
-  hidden_dim: int
-  word_attention: bool = False
-  num_heads: int = 4
-
-  @nn.compact
-  def __call__(self, mask_features: Array, prompt: Array, tokens: Array | None = None,
-               token_mask: Array | None = None, low_level: Array | None = None) -> Array:
-    batch, height, width, _ = mask_features.shape
-    pixels = layers.Dense(self.hidden_dim, ("embed", "mlp"), name="pixel_projection")(
-        layers.LayerNorm(name="pixel_norm")(mask_features))
-    if low_level is not None:
-      if low_level.shape[:3] != mask_features.shape[:3]:
-        raise ValueError(f"PixelPromptFusion: {low_level.shape=} must match the mask features' (B, H/4, W/4) "
-                         f"{mask_features.shape[:3]}")
-      pixels = pixels + layers.Dense(self.hidden_dim, ("embed", "mlp"), name="low_level_projection")(
-          layers.LayerNorm(name="low_level_norm")(low_level))
-    scale = layers.Dense(self.hidden_dim, ("embed", "mlp"), name="prompt_scale")(prompt)[:, None, None]
-    shift = layers.Dense(self.hidden_dim, ("embed", "mlp"), name="prompt_shift")(prompt)[:, None, None]
-    ys, xs = np.meshgrid((np.arange(height) + 0.5) / height * 2 - 1, (np.arange(width) + 0.5) / width * 2 - 1,
-                         indexing="ij")
-    coordinates = jnp.asarray(np.stack([xs, ys], -1), mask_features.dtype)
-    where = layers.Dense(self.hidden_dim, (None, "mlp"), name="coordinate_projection")(coordinates)
-    if self.word_attention:
-      if tokens is None or token_mask is None:
-        raise ValueError("PixelPromptFusion: word_attention=True needs the prompt tokens and their mask")
-      asking = (pixels + where).reshape(batch, height * width, self.hidden_dim)
-      heard = layers.MultiHeadAttention(self.num_heads, name="word_attention")(
-          asking, tokens, key_padding_mask=token_mask)
-      word_film = layers.Dense(2 * self.hidden_dim, ("embed", "mlp"), kernel_init=nn.initializers.zeros_init(),
-                               name="word_film")(heard).reshape(batch, height, width, 2 * self.hidden_dim)
-      scale = scale + word_film[..., :self.hidden_dim]
-      shift = shift + word_film[..., self.hidden_dim:]
-    x = nn.relu(pixels * (1.0 + scale) + shift + where)
-    for index in range(2):
-      x = nn.relu(layers.Conv(self.hidden_dim, (3, 3), name=f"conv_{index}")(x))
-    return layers.Dense(1, ("mlp", None), name="readout")(x)[..., 0]
-
-
 class _PredictionHeads(nn.Module):
   """Shared heads applied after every block (for the attention masks) and at the end.
 
@@ -296,7 +203,7 @@ class _PredictionHeads(nn.Module):
     cfg = self.config
     region_features = layers.LayerNorm(cfg.layer_norm_eps, name="decoder_norm")(queries)
     region_logits = layers.Dense(2, ("embed", None), name="region_head")(region_features)
-    mask_embed = _MlpHead(cfg.hidden_dim, cfg.mask_dim, 3, name="mask_embed")(region_features)
+    mask_embed = MlpHead(cfg.hidden_dim, cfg.mask_dim, 3, name="mask_embed")(region_features)
     query_masks = jnp.einsum("bqc,bhwc->bqhw", mask_embed, mask_features)
     return region_features, query_masks, region_logits, mask_embed
 
@@ -308,9 +215,14 @@ class MaskDecoder(nn.Module):
 
   @nn.compact
   def __call__(self, multi_scale_features: Sequence[Array], mask_features: Array, prompt_tokens: Array,
-               prompt_mask: Array, *, low_level_features: Array | None = None,
-               deterministic: bool = True) -> dict[str, Array]:
-    """Decodes one prompt set per example.
+               prompt_mask: Array, *, deterministic: bool = True) -> dict[str, Array]:
+    """Decodes one prompt set per example; the outputs of `decode`."""
+    return self.decode(multi_scale_features, mask_features, prompt_tokens, prompt_mask,
+                       deterministic=deterministic)[0]
+
+  def decode(self, multi_scale_features: Sequence[Array], mask_features: Array, prompt_tokens: Array,
+             prompt_mask: Array, *, deterministic: bool = True) -> tuple[dict[str, Array], dict[str, Array]]:
+    """The decoder's body, for `__call__` and for subclasses' `__call__` (it defines the submodules).
 
     Args:
       multi_scale_features: `num_feature_levels` arrays (B, h, w, D) from the pixel encoder, coarsest first
@@ -318,12 +230,13 @@ class MaskDecoder(nn.Module):
       mask_features: (B, H/4, W/4, mask_dim) stride-4 features F_m^0.
       prompt_tokens: (B, Lp, Dp) prompt tokens (text or visual or both concatenated).
       prompt_mask: (B, Lp) True/1 for tokens to attend to.
-      low_level_features: (B, H/4, W/4, C) the image encoder's stride-4 output, for `fusion_low_level`.
       deterministic: disables dropout when True.
 
     Returns:
-      {"mask_logits": (B, H/4, W/4, 2), "region_logits": (B, q, q, 2), "nt_logits": (B, 2)}; channel 1 is
-      foreground / referent region / no target respectively.
+      (outputs, intermediates). outputs: {"mask_logits": (B, H/4, W/4, 2), "region_logits": (B, q, q, 2),
+      "nt_logits": (B, 2)}; channel 1 is foreground / referent region / no target respectively.
+      intermediates: {"region_features": (B, Q, C) the normed queries, "target_embed": (B, 2, M) the
+      background/foreground embeddings that `mask_logits` dots with `mask_features`}.
     """
     cfg = self.config
     multi_scale_features = list(multi_scale_features)
@@ -361,20 +274,8 @@ class MaskDecoder(nn.Module):
     queries = jnp.broadcast_to(queries, (batch, *queries.shape))
     query_pos = query_pos[None]
 
-    if cfg.fusion_low_level and low_level_features is None:
-      raise ValueError("MaskDecoder: fusion_low_level=True needs low_level_features (the image encoder's "
-                       "stride-4 output)")
     heads = _PredictionHeads(cfg, name="heads")
     prompt_mask = prompt_mask.astype(bool)
-    fusion_features = mask_features
-    if cfg.mask_positions:
-      # Zero-initialised, so a decoder with this switch on starts as the one without it.
-      _, mask_h, mask_w, _ = mask_features.shape
-      positions = jnp.asarray(layers.sine_position_encoding(mask_h, mask_w, cfg.mask_dim, pixel_centres=True))
-      mask_features = mask_features + layers.Dense(
-          cfg.mask_dim, (None, None), use_bias=False, kernel_init=nn.initializers.zeros_init(),
-          name="mask_position_projection")(positions).astype(mask_features.dtype)
-
     pixel_bias = None
     if cfg.masked_attention:
       pixel_bias = _attention_bias(heads(queries, mask_features)[1], sizes[0])
@@ -389,36 +290,20 @@ class MaskDecoder(nn.Module):
         pixel_bias = _attention_bias(heads(queries, mask_features)[1],
                                      sizes[(i + 1) % cfg.num_feature_levels])
 
-    region_features, query_masks, region_logits, mask_embed = heads(queries, mask_features)
-    del query_masks
+    region_features, _, region_logits, mask_embed = heads(queries, mask_features)
     if cfg.region_weighting == "probabilities":
       region_weights = jax.nn.softmax(region_logits.astype(jnp.float32), axis=-1)
     else:
       region_weights = region_logits
     target_embed = jnp.einsum("bqa,bqc->bac", region_weights, mask_embed)
-    valid = prompt_mask[..., None].astype(prompt_tokens.dtype)
-    pooled = (prompt_tokens * valid).sum(axis=1) / jnp.maximum(valid.sum(axis=1), 1.0)  # mean of valid tokens
-    if cfg.prompt_kernel:
-      kernel = _MlpHead(cfg.hidden_dim, cfg.mask_dim, 2, name="prompt_kernel")(pooled)
-      target_embed = target_embed.at[:, 1].add(kernel.astype(target_embed.dtype))
     mask_logits = jnp.einsum("bac,bhwc->bhwa", target_embed, mask_features)
-    if cfg.pixel_fusion:
-      fused = PixelPromptFusion(cfg.hidden_dim, word_attention=cfg.pixel_word_attention, num_heads=cfg.num_heads,
-                                name="pixel_fusion")(fusion_features, pooled, prompt_tokens, prompt_mask,
-                                                     low_level_features if cfg.fusion_low_level else None)
-      mask_logits = mask_logits.at[..., 1].add(fused.astype(mask_logits.dtype))
-    nt_logits = _MlpHead(cfg.hidden_dim, 2, 2, name="nt_head")(region_features).mean(axis=1)
-    if cfg.nt_evidence:
-      region_margin = (region_logits[..., 1] - region_logits[..., 0]).astype(jnp.float32)
-      pixel_margin = (mask_logits[..., 1] - mask_logits[..., 0]).astype(jnp.float32)
-      evidence = jnp.stack([jax.nn.sigmoid(region_margin.max(axis=1)), jax.nn.sigmoid(pixel_margin.max(axis=(1, 2))),
-                            jax.nn.sigmoid(pixel_margin).mean(axis=(1, 2))], axis=-1)
-      nt_logits = nt_logits + layers.Dense(2, (None, None), name="nt_evidence")(evidence)
-    return {
+    nt_logits = MlpHead(cfg.hidden_dim, 2, 2, name="nt_head")(region_features).mean(axis=1)
+    outputs = {
         "mask_logits": layers.constrain(mask_logits, ("batch", "height", "width", None)),
         "region_logits": region_logits.reshape(batch, cfg.query_grid, cfg.query_grid, 2),
         "nt_logits": nt_logits,
     }
+    return outputs, {"region_features": region_features, "target_embed": target_embed}
 
 
 def _attention_bias(query_masks: Array, size: tuple[int, int]) -> Array:

@@ -42,14 +42,10 @@ Output dict of `__call__` / `decode` (channel 1 = foreground / referent region /
   "mask_logits" (B, H/4, W/4, 2), "region_logits" (B, q, q, 2), "nt_logits" (B, 2)    combined
   "text_mask_logits", "text_region_logits", "text_nt_logits"                          when text inputs are given
   "visual_mask_logits", "visual_region_logits", "visual_nt_logits"                    when visual inputs are given
-  "category_logits" (B, H/4, W/4, 1 + K)  `__call__` only, with the scene-parsing head (`num_categories`)
-  "colour" (B, H/4, W/4, 3)               `__call__` only, with the colour head (`colour_head`)
 Passing `text_ids=None` (or `ref_image=None`) skips that encoder and that decode altogether (e.g. a visual-only
 training stage); the combined outputs are then the other prompt's.
 
-Ours, off by default (the demo turns them on): a scene-parsing head and a category-match prior for visual
-prompts (`num_categories`, `category_matching`; see OmniSegNetConfig). `__call__` applies the prior; callers of
-`encode_image` + `decode` pass `ref_categories=reference_categories(reference mask_features, prompt)`.
+Extensions (e.g. `models/proj/shapes/`) subclass `OmniSegNet`: its methods are the pieces they recombine.
 """
 
 from __future__ import annotations
@@ -68,12 +64,11 @@ from omniris_jax.models import layers, swin
 from omniris_jax.models.bert import BertConfig, BertEncoder, load_hf_bert
 from omniris_jax.models.mask_decoder import MaskDecoder, MaskDecoderConfig
 from omniris_jax.models.pixel_encoder import PixelEncoder, PixelEncoderConfig
-from omniris_jax.models.prompt_encoder import OmniPromptEncoder, PromptEncoderConfig, prompt_average
+from omniris_jax.models.prompt_encoder import OmniPromptEncoder, PromptEncoderConfig
 from omniris_jax.models.swin import Swin, SwinConfig
 
 Array = jax.Array
-# {"mask_features": (B,H/4,W/4,M), "multi_scale_features": [3 x (B,h,w,D)]} (+ "low_level_features" (B,H/4,W/4,C),
-# the image encoder's stride-4 output, when the mask decoder's fusion_low_level reads it).
+# {"mask_features": (B,H/4,W/4,M), "multi_scale_features": [3 x (B,h,w,D)]}; extensions may add entries.
 ImageFeatures = dict[str, Any]
 
 # ImageNet statistics on the 0..255 scale, as Swin's pretraining (and detectron2's PIXEL_MEAN/STD) use them.
@@ -106,25 +101,6 @@ class OmniSegNetConfig:
     early_fusion: also fuse the prompt into the Swin stages (PWAM, ReLA/release); costs one target encoding per
       prompt set instead of one per image.
     max_text_len: the longest token sequence accepted (20 in the paper).
-    num_categories: > 0 adds an auxiliary scene-parsing head (ours, not in the paper or the release): a linear
-      read of the target's stride-4 `mask_features` into 1 + num_categories classes (background first), output
-      as `category_logits` by `__call__` with late fusion, for a loss against dense category labels
-      (losses.py, `category_weight`). Referring needs features that tell the categories apart; a model trained
-      from scratch learns them slowly from the referring losses alone.
-    category_matching: with the scene-parsing head, also match a visual prompt by category (ours): the head's
-      category probabilities averaged over the prompt on the reference (the reference goes through the pixel
-      encoder too) are dotted with the target's per-pixel probabilities; this match map m(x) in [0, 1] is added
-      to the visual prompt's foreground logits (learned gain and offset), and its maximum over the image to its
-      no-target logits. A visual referent in OmniRef is every instance of the reference's category, which is
-      what m measures.
-    colour_head: a linear read of the target's stride-4 `mask_features` back into the image's colour (ours, not
-      in the paper or the release), output as `colour` by `__call__` with late fusion, for a self-supervised
-      loss against the image itself (losses.py, `colour_weight`; no labels needed). The mask features are built
-      top-down from coarse, category-rich scales, and the scene-parsing loss asks them for categories only;
-      a shape's colour fades from them (a linear probe of demo_long's mask features told red from orange from
-      yellow 43% of the time, chance 33%; benchmarks/RESULTS.md), so "the red circle" cannot be told from "the
-      orange circle" by the path that dots the prompt's kernel with them. With the head, that probe reads 89%
-      and demo_long confuses no colour (RESULTS.md, 'demo_long with a colour head on the mask features').
   """
 
   swin: SwinConfig
@@ -135,9 +111,6 @@ class OmniSegNetConfig:
   omni_fusion: str = "union"
   early_fusion: bool = False
   max_text_len: int = 20
-  num_categories: int = 0
-  category_matching: bool = False
-  colour_head: bool = False
 
   def __post_init__(self):
     for name, config_class in _SUB_CONFIGS.items():
@@ -153,13 +126,6 @@ class OmniSegNetConfig:
       raise ValueError(f"OmniSegNetConfig: mask_decoder.mask_dim={self.mask_decoder.mask_dim} must equal "
                        f"pixel_encoder.mask_dim={self.pixel_encoder.mask_dim} (the decoder dots its mask "
                        "embeddings with the pixel encoder's mask_features)")
-    if self.category_matching and not self.num_categories:
-      raise ValueError("OmniSegNetConfig: category_matching=True needs the scene-parsing head "
-                       "(num_categories > 0)")
-    if self.category_matching and self.early_fusion:
-      raise ValueError("OmniSegNetConfig: category_matching is implemented for late fusion only")
-    if self.colour_head and self.early_fusion:
-      raise ValueError("OmniSegNetConfig: colour_head is implemented for late fusion only")
     if self.max_text_len > self.bert.max_position_embeddings:
       raise ValueError(f"OmniSegNetConfig: {self.max_text_len=} exceeds bert.max_position_embeddings="
                        f"{self.bert.max_position_embeddings}")
@@ -275,14 +241,12 @@ class _FusedSwinStage(nn.Module):
     return x, merged
 
 
-class EarlyFusionSwin(nn.Module):
+class EarlyFusionSwin(swin.Swin):
   """Swin with the prompt fused into every stage by PWAM (LAVT/ReLA/the release's early fusion).
 
   Same parameter tree as `swin.Swin` plus `stage{s}/pwam/`, so Swin checkpoints load into it; with no prompt
   (the reference image) it is exactly `swin.Swin`.
   """
-
-  config: SwinConfig
 
   @nn.compact
   def __call__(self, images: Array, prompt_tokens: Array | None = None, prompt_mask: Array | None = None, *,
@@ -290,8 +254,7 @@ class EarlyFusionSwin(nn.Module):
     """Like `swin.Swin.__call__`; prompt_tokens (B, L, D) with prompt_mask (B, L) are fused after every stage."""
     config = self.config
     dtype = jnp.dtype(config.dtype)
-    x = swin.PatchEmbedding(config.embed_dim, config.patch_size, dtype=dtype, conv_stem=config.conv_stem,
-                           name="patch_embed")(images)
+    x = self.patch_embedding(images)
     total_blocks = sum(config.depths)
     rates = [config.drop_path_rate * i / max(total_blocks - 1, 1) for i in range(total_blocks)]
     outputs = {}
@@ -318,15 +281,6 @@ class OmniSegNet(nn.Module):
     self.pixel_encoder = PixelEncoder(cfg.pixel_encoder)
     self.prompt_encoder = OmniPromptEncoder(cfg.prompt_encoder)
     self.mask_decoder = MaskDecoder(cfg.mask_decoder)
-    if cfg.num_categories:
-      self.category_head = layers.Dense(cfg.num_categories + 1, ("embed", None), name="category_head")
-    if cfg.colour_head:
-      self.colour_head = layers.Dense(3, ("embed", None), name="colour_head")
-    if cfg.category_matching:
-      # (mask gain, mask offset, no-target gain, no-target offset) of the match map; the gains start at 4 so the
-      # prior speaks from the first step, the offsets centre it (a match of 0.5 adds nothing).
-      self.category_match = self.param("category_match", nn.with_logical_partitioning(
-          lambda _, shape: jnp.array([4.0, -2.0, -4.0, 2.0]), (None,)), (4,))
 
   # ---------------------------------------------------------------------------------------------------------
   # Encoders
@@ -361,10 +315,7 @@ class OmniSegNet(nn.Module):
 
   def _pixel_features(self, backbone_features: dict[str, Array], deterministic: bool) -> ImageFeatures:
     mask_features, multi_scale_features = self.pixel_encoder(backbone_features, deterministic=deterministic)
-    features = {"mask_features": mask_features, "multi_scale_features": list(multi_scale_features)}
-    if self.config.mask_decoder.fusion_low_level:
-      features["low_level_features"] = backbone_features["res2"]
-    return features
+    return {"mask_features": mask_features, "multi_scale_features": list(multi_scale_features)}
 
   def encode_text(self, text_ids: Array, text_attention_mask: Array, *,
                   deterministic: bool = True) -> tuple[Array, Array]:
@@ -394,15 +345,14 @@ class OmniSegNet(nn.Module):
     This is the primitive a predictor uses to decode K prompts against an image encoded once.
     """
     batch = prompt_tokens.shape[0]
-    image_features = _broadcast_features(image_features, batch)
+    image_features = broadcast_features(image_features, batch)
     return self.mask_decoder(image_features["multi_scale_features"], image_features["mask_features"],
-                             prompt_tokens, prompt_mask, low_level_features=image_features.get("low_level_features"),
-                             deterministic=deterministic)
+                             prompt_tokens, prompt_mask, deterministic=deterministic)
 
   def decode(self, image_features: ImageFeatures, text_tokens: Array | None = None,
              text_mask: Array | None = None, visual_tokens: Array | None = None,
-             visual_mask: Array | None = None, has_text: Array | None = None, has_visual: Array | None = None,
-             ref_categories: Array | None = None, *, deterministic: bool = True) -> dict[str, Array]:
+             visual_mask: Array | None = None, has_text: Array | None = None, has_visual: Array | None = None, *,
+             deterministic: bool = True) -> dict[str, Array]:
     """Decodes the text and/or visual prompts of each example and fuses them (see the module docstring).
 
     Late fusion only.
@@ -413,40 +363,46 @@ class OmniSegNet(nn.Module):
       visual_tokens, visual_mask: from `encode_visual`, or None when the batch carries no visual prompt.
       has_text, has_visual: (B,) bool, which examples have that prompt (all True when None); ignored for a
         modality whose tokens are None.
-      ref_categories: (B, K) from `reference_categories`, with `category_matching`: the visual prompt's
-        category-match prior (None: no prior).
 
     Returns:
       the output dict described in the module docstring.
     """
     self._check_late_fusion("decode")
-    prompts = _prepare_prompts(text_tokens, text_mask, visual_tokens, visual_mask, has_text, has_visual)
-    prompt_sets = _prompt_sets(prompts, self.config.omni_fusion)
-    tokens, mask = _stack_prompt_sets(prompt_sets)
-    batch = _prompt_batch(prompts)
-    features = _broadcast_features(image_features, batch)
-    features = jax.tree.map(lambda x: jnp.concatenate([x] * len(prompt_sets)), features)
-    decoded = self.decode_prompts(features, tokens, mask, deterministic=deterministic)
-    if ref_categories is not None and "visual" in prompts:
-      decoded = self._match_set(decoded, prompt_sets, batch, _broadcast_features(image_features, batch),
-                                ref_categories)
-    return _assemble_outputs(decoded, prompts, prompt_sets)
+    prompts = prepare_prompts(text_tokens, text_mask, visual_tokens, visual_mask, has_text, has_visual)
+    prompt_sets = make_prompt_sets(prompts, self.config.omni_fusion)
+    decoded = self.decode_prompt_sets(image_features, prompt_sets, deterministic=deterministic)
+    return assemble_outputs(decoded, prompts, prompt_sets)
 
-  def _match_set(self, decoded, prompt_sets, batch, image_features, ref_categories):
-    """Applies `_match_visual` to the visual prompt set's rows of the stacked decode."""
-    index = [name for name, _, _ in prompt_sets].index("visual")
-    rows = slice(index * batch, (index + 1) * batch)
-    visual = self._match_visual({k: v[rows] for k, v in decoded.items()}, image_features, ref_categories)
-    return {k: v.at[rows].set(visual[k]) for k, v in decoded.items()}
+  def decode_prompt_sets(self, image_features: ImageFeatures, prompt_sets: list[tuple[str, Array, Array]], *,
+                         deterministic: bool = True) -> dict[str, Array]:
+    """The prompt sets stacked along the batch (set-major) and decoded in one mask-decoder call."""
+    tokens, mask = stack_prompt_sets(prompt_sets)
+    features = broadcast_features(image_features, prompt_sets[0][1].shape[0])
+    features = jax.tree.map(lambda x: jnp.concatenate([x] * len(prompt_sets)), features)
+    return self.decode_prompts(features, tokens, mask, deterministic=deterministic)
+
+  def encode_pair(self, image: Array, ref_image: Array | None, *,
+                  deterministic: bool = True) -> tuple[dict[str, Array], dict[str, Array] | None]:
+    """The image encoder's features of the target and of the reference (None without one), late fusion.
+
+    When both have one shape they share one image-encoder call, concatenated along the batch (same weights,
+    one bigger batch); the result equals the separate calls.
+    """
+    if ref_image is not None and ref_image.shape == image.shape:
+      batch = image.shape[0]
+      both = self._backbone(jnp.concatenate([image.astype(jnp.float32), ref_image.astype(jnp.float32)]),
+                            "image and ref_image", deterministic)
+      return jax.tree.map(lambda x: x[:batch], both), jax.tree.map(lambda x: x[batch:], both)
+    target = self._backbone(image, "image", deterministic)
+    return target, None if ref_image is None else self._backbone(ref_image, "ref_image", deterministic)
 
   def __call__(self, image: Array, text_ids: Array | None = None, text_attention_mask: Array | None = None,
                ref_image: Array | None = None, ref_prompt: Array | None = None, has_text: Array | None = None,
                has_visual: Array | None = None, *, deterministic: bool = True) -> dict[str, Array]:
     """Full forward = encode_image + encode_text + encode_visual + decode.
 
-    When the reference images have the target's shape, target and reference share one image-encoder call
-    (concatenated along the batch); the result equals the separate calls. With early fusion the target image is
-    encoded once per prompt set, with that set's tokens fused into the Swin stages.
+    Target and reference share one image-encoder call when they have one shape (`encode_pair`). With early
+    fusion the target image is encoded once per prompt set, with that set's tokens fused into the Swin stages.
 
     Args:
       image: target images (B, H, W, 3), uint8 or float 0..255.
@@ -469,72 +425,27 @@ class OmniSegNet(nn.Module):
     if self.config.early_fusion:
       if ref_image is not None:
         visual_tokens, visual_mask = self.encode_visual(ref_image, ref_prompt, deterministic=deterministic)
-      prompts = _prepare_prompts(text_tokens, text_mask, visual_tokens, visual_mask, has_text, has_visual)
-      prompt_sets = _prompt_sets(prompts, self.config.omni_fusion)
-      tokens, mask = _stack_prompt_sets(prompt_sets)
+      prompts = prepare_prompts(text_tokens, text_mask, visual_tokens, visual_mask, has_text, has_visual)
+      prompt_sets = make_prompt_sets(prompts, self.config.omni_fusion)
+      tokens, mask = stack_prompt_sets(prompt_sets)
       images = jnp.concatenate([image] * len(prompt_sets))
       features = self._pixel_features(self._backbone(images, "image", deterministic, tokens, mask), deterministic)
       decoded = self.decode_prompts(features, tokens, mask, deterministic=deterministic)
-      return _assemble_outputs(decoded, prompts, prompt_sets)
+      return assemble_outputs(decoded, prompts, prompt_sets)
 
-    matching = self.config.category_matching and ref_image is not None
-    ref_categories = None
-    if ref_image is not None and ref_image.shape == image.shape:
-      # Same size: one image-encoder call on target and reference together (same weights, one bigger batch).
-      batch = image.shape[0]
-      both = self._backbone(jnp.concatenate([image.astype(jnp.float32), ref_image.astype(jnp.float32)]),
-                            "image and ref_image", deterministic)
-      if matching:  # the reference's pixel features too, in the same pixel-encoder call
-        features = self._pixel_features(both, deterministic)
-        image_features = jax.tree.map(lambda x: x[:batch], features)
-        ref_categories = self.reference_categories(features["mask_features"][batch:], ref_prompt)
-      else:
-        image_features = self._pixel_features(jax.tree.map(lambda x: x[:batch], both), deterministic)
-      visual_tokens, visual_mask = self.prompt_encoder(jax.tree.map(lambda x: x[batch:], both), ref_prompt,
-                                                       deterministic=deterministic)
-    else:
-      image_features = self.encode_image(image, deterministic=deterministic)
-      if ref_image is not None:
-        ref_backbone = self._backbone(ref_image, "ref_image", deterministic)  # once, for both uses below
-        visual_tokens, visual_mask = self.prompt_encoder(ref_backbone, ref_prompt, deterministic=deterministic)
-        if matching:
-          ref_mask_features = self._pixel_features(ref_backbone, deterministic)["mask_features"]
-          ref_categories = self.reference_categories(ref_mask_features, ref_prompt)
-    outputs = self.decode(image_features, text_tokens, text_mask, visual_tokens, visual_mask, has_text,
-                          has_visual, ref_categories=ref_categories, deterministic=deterministic)
-    if self.config.num_categories:
-      outputs["category_logits"] = self.category_head(image_features["mask_features"])
-    if self.config.colour_head:
-      outputs["colour"] = self.colour_head(image_features["mask_features"])
-    return outputs
-
-  # ---------------------------------------------------------------------------------------------------------
-  # Category matching (config.category_matching)
-  # ---------------------------------------------------------------------------------------------------------
-
-  def _category_probabilities(self, mask_features: Array) -> Array:
-    """(B, h, w, K) object-category probabilities of each pixel (background dropped, so they sum to <= 1)."""
-    return jax.nn.softmax(self.category_head(mask_features).astype(jnp.float32), axis=-1)[..., 1:]
-
-  def reference_categories(self, ref_mask_features: Array, ref_prompt: Array) -> Array:
-    """(B, K): the reference's category probabilities averaged over its prompt (area-weighted at stride 4)."""
-    return prompt_average(self._category_probabilities(ref_mask_features), ref_prompt)
-
-  def _match_visual(self, outputs: dict[str, Array], image_features: ImageFeatures, ref_categories: Array):
-    """Adds the category match map to one prompt set's (the visual one's) mask and no-target logits."""
-    match = jnp.einsum("bhwk,bk->bhw", self._category_probabilities(image_features["mask_features"]),
-                       ref_categories)
-    mask_gain, mask_offset, nt_gain, nt_offset = self.category_match
-    mask_logits = outputs["mask_logits"].at[..., 1].add(mask_gain * match + mask_offset)
-    nt_logits = outputs["nt_logits"].at[:, 1].add(nt_gain * match.max(axis=(1, 2)) + nt_offset)
-    return {**outputs, "mask_logits": mask_logits, "nt_logits": nt_logits}
+    target_features, ref_features = self.encode_pair(image, ref_image, deterministic=deterministic)
+    image_features = self._pixel_features(target_features, deterministic)
+    if ref_features is not None:
+      visual_tokens, visual_mask = self.prompt_encoder(ref_features, ref_prompt, deterministic=deterministic)
+    return self.decode(image_features, text_tokens, text_mask, visual_tokens, visual_mask, has_text, has_visual,
+                       deterministic=deterministic)
 
 
 # A prompt of one modality for a batch: (tokens (B, L, D) zeroed where absent, mask (B, L), available (B,)).
 _Prompt = tuple[Array, Array, Array]
 
 
-def _prepare_prompts(text_tokens, text_mask, visual_tokens, visual_mask, has_text,
+def prepare_prompts(text_tokens, text_mask, visual_tokens, visual_mask, has_text,
                      has_visual) -> dict[str, _Prompt]:
   """Validates the prompts and blanks the absent ones: zero tokens, attended by no one."""
   prompts = {}
@@ -560,11 +471,11 @@ def _prepare_prompts(text_tokens, text_mask, visual_tokens, visual_mask, has_tex
   return prompts
 
 
-def _prompt_batch(prompts: dict[str, _Prompt]) -> int:
+def prompt_batch(prompts: dict[str, _Prompt]) -> int:
   return next(iter(prompts.values()))[0].shape[0]
 
 
-def _prompt_sets(prompts: dict[str, _Prompt], omni_fusion: str) -> list[tuple[str, Array, Array]]:
+def make_prompt_sets(prompts: dict[str, _Prompt], omni_fusion: str) -> list[tuple[str, Array, Array]]:
   """The prompt sets to decode: one per modality, plus their concatenation for 'joint' fusion of two."""
   sets = [(name, tokens, mask) for name, (tokens, mask, _) in prompts.items()]
   if omni_fusion == "joint" and len(prompts) == 2:
@@ -574,7 +485,7 @@ def _prompt_sets(prompts: dict[str, _Prompt], omni_fusion: str) -> list[tuple[st
   return sets
 
 
-def _stack_prompt_sets(prompt_sets: list[tuple[str, Array, Array]]) -> tuple[Array, Array]:
+def stack_prompt_sets(prompt_sets: list[tuple[str, Array, Array]]) -> tuple[Array, Array]:
   """Stacks the sets along the batch (set-major), padded to one length with masked zeros: one decoder call."""
   length = max(tokens.shape[1] for _, tokens, _ in prompt_sets)
   tokens = jnp.concatenate(
@@ -583,10 +494,10 @@ def _stack_prompt_sets(prompt_sets: list[tuple[str, Array, Array]]) -> tuple[Arr
   return tokens, mask
 
 
-def _assemble_outputs(decoded: dict[str, Array], prompts: dict[str, _Prompt],
+def assemble_outputs(decoded: dict[str, Array], prompts: dict[str, _Prompt],
                       prompt_sets: list[tuple[str, Array, Array]]) -> dict[str, Array]:
   """Splits the stacked decode per set and names the outputs; combined = joint decode, union, or the one prompt."""
-  batch = _prompt_batch(prompts)
+  batch = prompt_batch(prompts)
   per_set = {name: jax.tree.map(lambda x, i=i: x[i * batch:(i + 1) * batch], decoded)
              for i, (name, _, _) in enumerate(prompt_sets)}
   outputs = {}
@@ -602,7 +513,7 @@ def _assemble_outputs(decoded: dict[str, Array], prompts: dict[str, _Prompt],
   return outputs
 
 
-def _broadcast_features(image_features: ImageFeatures, batch: int) -> ImageFeatures:
+def broadcast_features(image_features: ImageFeatures, batch: int) -> ImageFeatures:
   """Returns the features with batch `batch`, broadcasting a batch of 1 (one image, many prompts)."""
   image_batch = image_features["mask_features"].shape[0]
   if image_batch == batch:
@@ -686,3 +597,8 @@ def parameter_counts(params: Mapping[str, Any]) -> dict[str, int]:
             for name, subtree in params.items()}
   counts["total"] = sum(counts.values())
   return counts
+
+
+# The names `models.factory` looks up in every model module (big_vision's convention).
+Config = OmniSegNetConfig
+Model = OmniSegNet

@@ -38,18 +38,14 @@ Choices where the paper is silent, taken from the release unless noted:
     nn.Embedding; learnable `reference_points` (n, 2) stored as logits (sigmoid keeps them inside the map),
     initialised at the centres of a rows x cols grid (4 x 5 for n = 20, the release's fixed grid), shared by all
     levels.
-  * `prototype_queries` and `queries_in_prompt_box` (ours, both off by default: neither the paper nor the
-    release has them; the demo turns them on). With learned queries at fixed reference points, a query reads the
-    referent only if the referent happens to lie near its point, and a small reference instance is seen by one
-    or two of the n queries. `prototype_queries` adds the prompt's prototype, the masked average of every
-    reference level inside the prompt (few-shot segmentation's masked average pooling; concatenated over levels,
-    projected to D), to every query's content, so every token starts from what the prompt covers.
-    `queries_in_prompt_box` lays the queries' reference points out inside the prompt's bounding box instead of
-    the whole image (the learned points, in [0, 1], are relative to the box); an empty prompt keeps the image.
   * Layers are post-norm (cross-attn, self-attn, FFN each followed by residual + LayerNorm), FFN 2048 wide with
     ReLU and dropout 0 (the release); self-attention takes query + query_pos as queries and keys and the plain
-    queries as values (as the release does). A final LayerNorm, then Dense(D -> prompt_dim) + LayerNorm(prompt_dim) projects the tokens to
-    the text width (the release's `lang_in_linear` / `lang_in_norm`).
+    queries as values (as the release does). A final LayerNorm, then Dense(D -> prompt_dim) +
+    LayerNorm(prompt_dim) projects the tokens to the text width (the release's `lang_in_linear` / `lang_in_norm`).
+
+`OmniPromptEncoder.__call__` is three steps that a subclass can recombine: `embed_reference` (PEM -> the memory
+the queries read), `initial_queries` (the learned queries and their reference points) and `generate` (the Prompt
+Generator and the projection).
 
 Input contract (what the decoder helper passes):
   ref_features: dict from the image encoder run on the reference image (normalised like the target):
@@ -100,8 +96,6 @@ class PromptEncoderConfig:
     fusion: how PEM fuses the prompt embedding with the reference features: "add" (paper), "multiply", "none".
     mask_values_outside_prompt: zero the values outside the (resized) prompt before sampling (release: True;
       default False per the paper, see the module docstring).
-    prototype_queries: add the prompt's masked-average prototype to every query (ours; see the module docstring).
-    queries_in_prompt_box: reference points inside the prompt's bounding box (ours; see the module docstring).
     mask_in_chans: channels of the stride-4 mask downscaler (16, SAM's and the release's).
     group_norm_groups: groups of the input-projection GroupNorms (32); must divide `hidden_dim`.
     implementation: deformable-attention kernel, see `deform_attn.available_implementations()`.
@@ -117,8 +111,6 @@ class PromptEncoderConfig:
   dropout_rate: float = 0.0
   fusion: str = "add"
   mask_values_outside_prompt: bool = False
-  prototype_queries: bool = False
-  queries_in_prompt_box: bool = False
   mask_in_chans: int = 16
   group_norm_groups: int = 32
   implementation: str = "xla"
@@ -169,37 +161,6 @@ def reference_point_logits_init(key, shape, dtype=jnp.float32):
 def _pad_to_even(x: Array) -> Array:
   """Pads NHWC bottom/right to even height/width, so a k2 s2 conv rounds up like Swin's patch merging."""
   return jnp.pad(x, ((0, 0), (0, x.shape[1] % 2), (0, x.shape[2] % 2), (0, 0)))
-
-
-def prompt_box(prompt: Array) -> tuple[Array, Array]:
-  """(B, H, W) binary prompt -> its bounding box as (top-left (B, 2), size (B, 2)), both (x, y) in [0, 1].
-
-  The box spans whole pixels (the last foreground pixel's far edge); an empty prompt gives the whole image.
-  """
-  _, height, width = prompt.shape
-  foreground = prompt > 0.5
-
-  def extent(occupied, length):  # occupied (B, length) -> (start, end) as fractions of length
-    first = jnp.argmax(occupied, axis=-1)
-    last = length - 1 - jnp.argmax(occupied[:, ::-1], axis=-1)
-    any_set = occupied.any(axis=-1)
-    return jnp.where(any_set, first / length, 0.0), jnp.where(any_set, (last + 1) / length, 1.0)
-
-  x0, x1 = extent(foreground.any(axis=1), width)
-  y0, y1 = extent(foreground.any(axis=2), height)
-  return jnp.stack([x0, y0], -1), jnp.stack([x1 - x0, y1 - y0], -1)
-
-
-def prompt_average(features: Array, prompt: Array) -> Array:
-  """(B, h, w, C) features averaged under a (B, H, W) prompt of any size -> (B, C).
-
-  Each cell weighs the fraction of it the prompt covers (an antialiased resize of the prompt: area-like weights
-  at any size ratio): few-shot segmentation's masked average pooling.
-  """
-  batch, height, width, _ = features.shape
-  coverage = jax.image.resize(prompt.astype(jnp.float32), (batch, height, width), "linear", antialias=True)
-  return ((coverage[..., None] * features).sum((1, 2))
-          / jnp.maximum(coverage.sum((1, 2))[:, None], 1e-6)).astype(features.dtype)
 
 
 def _nearest_resize(prompt: Array, height: int, width: int) -> Array:
@@ -260,6 +221,23 @@ class PromptGeneratorLayer(nn.Module):
     return layers.constrain(queries, ("batch", "length", "embed"))
 
 
+@dataclasses.dataclass(frozen=True)
+class ReferenceMemory:
+  """What the Prompt Generator reads: the fused reference levels, flattened and concatenated (coarse first).
+
+  Attributes:
+    memory: (B, S, D) the levels' values, each with its level embedding added.
+    memory_mask: (B, S) bool, False where values are zeroed (`mask_values_outside_prompt`), else None.
+    spatial_shapes: ((h, w), ...) of the levels.
+    levels: the fused levels (B, h, w, D) before the level embedding, for extensions that pool them.
+  """
+
+  memory: Array
+  memory_mask: Array | None
+  spatial_shapes: tuple[tuple[int, int], ...]
+  levels: tuple[Array, ...]
+
+
 class OmniPromptEncoder(nn.Module):
   """(reference Swin features, binary spatial prompt) -> (prompt_tokens (B, n, prompt_dim), prompt_mask (B, n)).
 
@@ -271,24 +249,27 @@ class OmniPromptEncoder(nn.Module):
   @nn.compact
   def __call__(self, ref_features: Mapping[str, Array], ref_prompt: Array, *,
                deterministic: bool = True) -> tuple[Array, Array]:
+    reference = self.embed_reference(ref_features, ref_prompt)
+    queries, query_pos, reference_points = self.initial_queries(ref_prompt.shape[0])
+    return self.generate(queries, query_pos, reference_points, reference, deterministic=deterministic)
+
+  def embed_reference(self, ref_features: Mapping[str, Array], ref_prompt: Array) -> ReferenceMemory:
+    """PEM: the prompt embedded per scale and fused with the projected reference features (module docstring)."""
     cfg = self.config
     check_features(ref_features, REFERENCE_FEATURE_NAMES, "OmniPromptEncoder")
     batch = ref_features["res2"].shape[0]
     if ref_prompt.ndim != 3 or ref_prompt.shape[0] != batch:
       raise ValueError(f"OmniPromptEncoder: {ref_prompt.shape=} must be (B={batch}, Hr, Wr), the binary prompt "
                        "at the reference image's resolution.")
-    num_levels = len(REFERENCE_FEATURE_NAMES)
     prompt = ref_prompt.astype(jnp.float32)
-
-    # ---- PEM: prompt embedding per scale, fused with the projected reference features ----
     prompt_embeddings = {}
     if cfg.fusion != "none":
       downscaled = PromptDownscaler(cfg.hidden_dim, cfg.mask_in_chans, name="prompt_downscaler")(prompt[..., None])
       prompt_embeddings = dict(zip(("res2", "res3", "res4", "res5"), downscaled))
     level_embed = self.param("level_embed", nn.with_logical_partitioning(
-        nn.initializers.normal(1.0), ("table", "embed")), (num_levels, cfg.hidden_dim))
+        nn.initializers.normal(1.0), ("table", "embed")), (len(REFERENCE_FEATURE_NAMES), cfg.hidden_dim))
     xavier = nn.initializers.xavier_uniform()
-    spatial_shapes, levels, masks, prototypes = [], [], [], []
+    spatial_shapes, fused, flat, masks = [], [], [], []
     for level, name in enumerate(REFERENCE_FEATURE_NAMES):
       x = layers.Conv(cfg.hidden_dim, (1, 1), kernel_init=xavier, name=f"input_proj_{level}")(ref_features[name])
       x = GroupNorm(cfg.group_norm_groups, name=f"input_norm_{level}")(x)
@@ -301,18 +282,18 @@ class OmniPromptEncoder(nn.Module):
               f"{name}, but ref_features[{name!r}] is {(height, width)}; pass the prompt at the reference "
               "image's resolution (the one the image encoder saw).")
         x = x + embedding if cfg.fusion == "add" else x * embedding
-      if cfg.prototype_queries:
-        prototypes.append(prompt_average(x, prompt))
-      x = x + level_embed[level]
+      fused.append(x)
       spatial_shapes.append((height, width))
-      levels.append(x.reshape(batch, height * width, cfg.hidden_dim))
+      flat.append((x + level_embed[level]).reshape(batch, height * width, cfg.hidden_dim))
       if cfg.mask_values_outside_prompt:
         masks.append(_nearest_resize(prompt, height, width).reshape(batch, height * width) > 0.5)
-    memory = layers.constrain(jnp.concatenate(levels, axis=1), ("batch", "length", "embed"))
+    memory = layers.constrain(jnp.concatenate(flat, axis=1), ("batch", "length", "embed"))
     memory_mask = jnp.concatenate(masks, axis=1) if masks else None
-    spatial_shapes = tuple(spatial_shapes)
+    return ReferenceMemory(memory, memory_mask, tuple(spatial_shapes), tuple(fused))
 
-    # ---- Prompt Generator over n learnable queries ----
+  def initial_queries(self, batch: int) -> tuple[Array, Array, Array]:
+    """The learned queries (B, n, D), their positions (1, n, D) and reference points (B, n, 2) in [0, 1]."""
+    cfg = self.config
     table = ("table", "embed")
     queries = self.param("query_embed", nn.with_logical_partitioning(nn.initializers.normal(1.0), table),
                          (cfg.num_queries, cfg.hidden_dim))
@@ -321,24 +302,22 @@ class OmniPromptEncoder(nn.Module):
     reference_logits = self.param("reference_points",
                                   nn.with_logical_partitioning(reference_point_logits_init, ("table", None)),
                                   (cfg.num_queries, 2))
-    reference_points = jnp.broadcast_to(jax.nn.sigmoid(reference_logits)[None],
-                                        (batch, cfg.num_queries, 2))
-    if cfg.queries_in_prompt_box:
-      box_start, box_size = prompt_box(prompt)
-      reference_points = box_start[:, None] + reference_points * box_size[:, None]
+    reference_points = jnp.broadcast_to(jax.nn.sigmoid(reference_logits)[None], (batch, cfg.num_queries, 2))
+    return jnp.broadcast_to(queries[None], (batch, *queries.shape)), query_pos[None], reference_points
+
+  def generate(self, queries: Array, query_pos: Array, reference_points: Array, reference: ReferenceMemory, *,
+               deterministic: bool = True) -> tuple[Array, Array]:
+    """The Prompt Generator over `reference`, then the projection to the text width -> (tokens, mask)."""
+    cfg = self.config
+    batch = queries.shape[0]
+    num_levels = len(reference.spatial_shapes)
     reference_points = jnp.broadcast_to(reference_points[:, :, None], (batch, cfg.num_queries, num_levels, 2))
-    queries = jnp.broadcast_to(queries[None], (batch, *queries.shape))
-    if cfg.prototype_queries:
-      prototype = layers.Dense(cfg.hidden_dim, ("mlp", "embed"), name="prototype_proj")(
-          jnp.concatenate(prototypes, axis=-1))
-      queries = queries + layers.LayerNorm(name="prototype_norm")(prototype)[:, None]
-    query_pos = query_pos[None]
     for index in range(cfg.num_layers):
       queries = PromptGeneratorLayer(cfg, num_levels, name=f"layer_{index}")(
-          queries, query_pos, reference_points, memory, spatial_shapes, memory_mask, deterministic=deterministic)
+          queries, query_pos, reference_points, reference.memory, reference.spatial_shapes, reference.memory_mask,
+          deterministic=deterministic)
     queries = layers.LayerNorm(name="final_norm")(queries)
-
-    # ---- project to the text width so visual and text prompts share the decoder ----
+    # Project to the text width so visual and text prompts share the decoder.
     tokens = layers.Dense(cfg.prompt_dim, ("embed", "mlp"), name="prompt_proj")(queries)
     tokens = layers.LayerNorm(name="prompt_norm")(tokens)
     tokens = layers.constrain(tokens, ("batch", "length", "embed"))

@@ -64,11 +64,6 @@ class SwinConfig:
     layer_norm_eps: epsilon of the blocks' two LayerNorms (HF uses 1e-5 for all other norms; so do we).
     dtype: computation dtype name ("float32" or "bfloat16"); parameters and norm statistics stay float32.
     remat: recompute each block in the backward pass (saves activation memory at 480x480).
-    conv_stem: embed patches with log2(patch_size) 3x3 stride-2 convolutions (GELU after each) and a 1x1
-      projection instead of one patch_size x patch_size one (ours, off by default: the "early convolutions"
-      stem of Xiao et al. 2021). Its overlapping receptive fields see the shape of objects only a few patches
-      wide (the demo's 64 px shapes), which one linear map of each 4x4 patch does not. Pretrained Swin
-      weights have no such stem (`load_hf_swin` gives `conv_stem=False`).
   """
 
   embed_dim: int = 96
@@ -81,7 +76,6 @@ class SwinConfig:
   layer_norm_eps: float = 1e-5
   dtype: str = "float32"
   remat: bool = False
-  conv_stem: bool = False
 
   def __post_init__(self):
     # Lists from ml_collections / JSON become tuples so the config stays hashable (a static jit argument).
@@ -96,9 +90,6 @@ class SwinConfig:
                          f"num_heads={heads}")
     if self.window_size < 1 or self.patch_size < 1:
       raise ValueError(f"{self.window_size=} and {self.patch_size=} must be positive")
-    if self.conv_stem and self.patch_size & (self.patch_size - 1):
-      raise ValueError(f"conv_stem=True needs a power-of-two patch_size (one stride-2 conv per halving), got "
-                       f"{self.patch_size=}")
     if not 0.0 <= self.drop_path_rate < 1.0:
       raise ValueError(f"{self.drop_path_rate=} must be in [0, 1)")
 
@@ -188,7 +179,7 @@ def shifted_window_mask(height: int, width: int, window_size: int, shift_size: i
   return np.where(same_region, 0.0, _SHIFT_MASK_VALUE).astype(np.float32)
 
 
-def _pad_to_multiple(x: Array, multiple: int) -> Array:
+def pad_to_multiple(x: Array, multiple: int) -> Array:
   """Zero-pads (B, H, W, C) at the bottom/right so H and W divide by `multiple` (as HF's maybe_pad)."""
   _, height, width, _ = x.shape
   pad_h, pad_w = -height % multiple, -width % multiple
@@ -215,32 +206,18 @@ def _drop_path(module: nn.Module, x: Array, rate: float, deterministic: bool) ->
 
 
 class PatchEmbedding(nn.Module):
-  """Non-overlapping patch_size x patch_size patches -> embed_dim channels (strided conv), then LayerNorm.
-
-  With `conv_stem`, n = log2(patch_size) overlapping 3x3 stride-2 convolutions (widths embed_dim / 2**(n-1), ...,
-  embed_dim / 2, embed_dim, each at least 8; GELU after each) and a 1x1 projection replace the strided conv:
-  params `stem{i}/`, `projection/`.
-  """
+  """Non-overlapping patch_size x patch_size patches -> embed_dim channels (strided conv), then LayerNorm."""
 
   embed_dim: int
   patch_size: int
   dtype: Any = jnp.float32
-  conv_stem: bool = False
 
   @nn.compact
   def __call__(self, images: Array) -> Array:
     """(B, H, W, 3) -> (B, ceil(H/p), ceil(W/p), C); sizes that are not multiples of p are zero-padded first."""
-    x = _pad_to_multiple(images.astype(self.dtype), self.patch_size)
-    if self.conv_stem:
-      num_convs = self.patch_size.bit_length() - 1
-      for i in range(num_convs):
-        width = max(self.embed_dim // 2**(num_convs - 1 - i), 8)
-        x = layers.gelu(layers.Conv(width, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)), dtype=self.dtype,
-                                    name=f"stem{i}")(x))
-      x = layers.Conv(self.embed_dim, (1, 1), dtype=self.dtype, name="projection")(x)
-    else:
-      x = layers.Conv(self.embed_dim, (self.patch_size, self.patch_size), strides=(self.patch_size,) * 2,
-                      padding="VALID", dtype=self.dtype, name="projection")(x)
+    x = pad_to_multiple(images.astype(self.dtype), self.patch_size)
+    x = layers.Conv(self.embed_dim, (self.patch_size, self.patch_size), strides=(self.patch_size,) * 2,
+                    padding="VALID", dtype=self.dtype, name="projection")(x)
     x = layers.LayerNorm(1e-5, dtype=self.dtype, name="norm")(x)
     return layers.constrain(x, _ACTIVATION_AXES)
 
@@ -275,7 +252,7 @@ class SwinBlock(nn.Module):
     shortcut = x
     x = layers.LayerNorm(self.layer_norm_eps, dtype=self.dtype, name="layernorm_before")(x)
     # Pad after the norm, as HF does: padded positions are exact zeros that still act as keys.
-    x = _pad_to_multiple(x, window)
+    x = pad_to_multiple(x, window)
     padded_height, padded_width = x.shape[1:3]
     if shift:
       x = jnp.roll(x, (-shift, -shift), axis=(1, 2))
@@ -319,7 +296,7 @@ class PatchMerging(nn.Module):
   def __call__(self, x: Array) -> Array:
     """(B, H, W, C) -> (B, ceil(H/2), ceil(W/2), 2C); odd sizes are zero-padded at the bottom/right first."""
     channels = x.shape[-1]
-    x = _pad_to_multiple(x, 2)
+    x = pad_to_multiple(x, 2)
     # The order is part of the weight layout of every pretrained Swin: (0,0), (1,0), (0,1), (1,1) as (row, col).
     x = jnp.concatenate([x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 1::2]], axis=-1)
     x = layers.LayerNorm(1e-5, axis_name="mlp", dtype=self.dtype, name="norm")(x)
@@ -385,8 +362,7 @@ class Swin(nn.Module):
     if images.ndim != 4:
       raise ValueError(f"{images.shape=} must be (batch, height, width, channels) NHWC")
     dtype = jnp.dtype(config.dtype)
-    x = PatchEmbedding(config.embed_dim, config.patch_size, dtype=dtype, conv_stem=config.conv_stem,
-                       name="patch_embed")(images)
+    x = self.patch_embedding(images)
 
     total_blocks = sum(config.depths)
     rates = [config.drop_path_rate * i / max(total_blocks - 1, 1) for i in range(total_blocks)]
@@ -399,6 +375,12 @@ class Swin(nn.Module):
       out = layers.LayerNorm(1e-5, dtype=dtype, name=f"norm_{name}")(stage_out)
       outputs[name] = layers.constrain(out, _ACTIVATION_AXES)
     return outputs
+
+  def patch_embedding(self, images: Array) -> Array:
+    """The stem, images -> stage-0 tokens (params under `patch_embed/`); a subclass may replace it."""
+    config = self.config
+    return PatchEmbedding(config.embed_dim, config.patch_size, dtype=jnp.dtype(config.dtype),
+                          name="patch_embed")(images)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""The OmniRIS feature spec that every builder config of this package yields (DESIGN.md §3).
+"""The OmniRIS feature spec that every builder config of this package yields: the data contract.
 
 One spec for all sources (shapes, the released OmniRef, the rebuilt OmniRef, the RIS benchmarks) lets one grain
 pipeline read any of them. Images and masks are stored as PNG bytes: TFDS can only encode numpy images with

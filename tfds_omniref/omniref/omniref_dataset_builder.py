@@ -7,7 +7,7 @@ Configs (`tfds.data_source('omniref/<config>', ...)`):
                 `MANUAL_DOWNLOAD_INSTRUCTIONS` says where each file comes from); train = visual-train
   rebuilt       the paper's four-step construction (Sec. 4.2) from COCO instances + gRefCOCO + RefCOCOg in the
                 manual directory (rebuilt.py: selection criteria, split assignment); train is visual-only
-The RIS benchmarks (a later issue) will yield the same features (features.py).
+The RIS benchmarks (builder `ris`, tfds_omniref/ris/) yield the same features (features.py).
 
 Splits: `train` (all modalities mixed), `text_test`, `visual_test`, `omni_test` (each one third single-target,
 one third multi-target, one third no-target). Files are array_record, so reading needs no TensorFlow:

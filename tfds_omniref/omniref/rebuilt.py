@@ -1,7 +1,7 @@
 """OmniRef rebuilt from its sources: the paper's four-step construction (Sec. 4.2, Fig. 5) as plain Python.
 
 Inputs (a manual directory, see MANUAL_DOWNLOAD_INSTRUCTIONS): COCO train2014 instances and images, gRefCOCO
-(`grefs(unc).json`) and RefCOCOg (`refs(umd).p`). Output: OmniRIS examples (DESIGN.md §3) in four splits,
+(`grefs(unc).json`) and RefCOCOg (`refs(umd).p`). Output: OmniRIS examples (features.py) in four splits,
 train / text_test / visual_test / omni_test, as the released OmniRef has. Nothing here imports TFDS: the
 builder (`omniref_dataset_builder.py`, config `rebuilt`) stores what `generate_split` yields, and
 `plan(...)` alone gives the statistics of a build without decoding a pixel.

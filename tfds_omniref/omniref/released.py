@@ -1,4 +1,4 @@
-"""The released OmniRef files (manual download) -> validated OmniRIS examples (DESIGN.md §3, §4).
+"""The released OmniRef files (manual download) -> validated OmniRIS examples (features.py).
 
 The authors release OmniRef as three JSON files beside the COCO train2014 images. Their loaders (repository
 As-Time-Goes-By/OmniSegNet, `datasets/dataloader_OmniRef*.py`, `omniref_refer.py`) read them as follows, and

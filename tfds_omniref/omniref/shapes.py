@@ -1,6 +1,6 @@
 """Procedural OmniRIS scenes ('shapes'): the embedded dataset that needs no download.
 
-Every example follows the OmniRIS data contract (DESIGN.md §3) and exercises what the real OmniRef exercises:
+Every example follows the OmniRIS data contract (features.py) and exercises what the real OmniRef exercises:
 text, visual and omni prompts; one-vs-one, one-vs-many, many-vs-one, many-vs-many and no-target settings; mask,
 box and scribble spatial prompts. A scene has several flat shapes (the categories: circle, square, ...) with
 attributes (colour, size, position) on a textured background, and always a category with two or more instances

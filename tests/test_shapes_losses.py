@@ -12,39 +12,13 @@ import pytest
 from omniris_jax import losses
 from omniris_jax.models.proj.shapes import losses as shapes_losses
 
+from test_losses import _outputs_and_batch  # noqa: E402  (tests/ is on sys.path under pytest)
+
 
 def _config(**overrides):
   config = shapes_losses.default_loss_config()
   config.update(overrides)
   return config
-
-
-def _outputs_and_batch(seed=0, batch=3, size=16, grid=4, omni=(True, False, False)):
-  """Random model outputs (stride 4) and a batch of the contract with a mix of omni / single-prompt examples."""
-  rng = np.random.default_rng(seed)
-
-  def logits(*shape):
-    return jnp.asarray(rng.normal(size=shape).astype(np.float32))
-
-  outputs = {}
-  for prefix in ("", "text_", "visual_"):
-    outputs[f"{prefix}mask_logits"] = logits(batch, size // 4, size // 4, 2)
-    outputs[f"{prefix}region_logits"] = logits(batch, grid, grid, 2)
-    outputs[f"{prefix}nt_logits"] = logits(batch, 2)
-  text_mask = (rng.random((batch, size, size)) < 0.3).astype(np.uint8)
-  visual_mask = (rng.random((batch, size, size)) < 0.3).astype(np.uint8)
-  text_mask[1] = 0  # an empty per-prompt ground truth -> that prompt's no-target label is 1
-  omni = np.asarray(omni)
-  batch_dict = {
-      "mask": np.maximum(text_mask, visual_mask),
-      "text_mask": text_mask,
-      "visual_mask": visual_mask,
-      "no_target": np.zeros((batch,), bool),
-      "has_text": np.ones((batch,), bool),
-      "has_visual": omni.copy(),
-      "index": np.arange(batch),
-  }
-  return outputs, batch_dict
 
 
 def _core_total(outputs, batch):

@@ -20,6 +20,8 @@ from omniris_jax.models.proj.shapes import omnisegnet as shapes
 from omniris_jax.models.proj.shapes.omnisegnet import (ConvStem, ConvStemSwin, PixelPromptFusion, ShapesMaskDecoder,
                                                        ShapesOmniSegNet, ShapesOmniSegNetConfig, ShapesPromptEncoder)
 
+from test_omnisegnet import BATCH, SIZE, _batch  # noqa: E402  (tests/ is on sys.path under pytest)
+
 
 def _with_leaf(variables, path, value):
   """A copy of `variables` with params[path...] (a boxed leaf) replaced by `value`."""
@@ -357,36 +359,6 @@ def test_mask_positions_start_at_zero_and_add_projected_sine_positions_to_the_ma
 # ----------------------------------------------------------------------------------------------------------
 # The model: every switch off = the core model; low-level features, scene parsing, colour, category matching
 # ----------------------------------------------------------------------------------------------------------
-SIZE = 64  # target and reference images are SIZE x SIZE
-BATCH = 3
-TEXT_LEN = 8
-
-
-def _prompt_maps() -> np.ndarray:
-  """A mask (disc), a box (filled rectangle) and a scribble (a thin stroke): all just binary maps."""
-  yy, xx = np.mgrid[:SIZE, :SIZE]
-  disc = (yy - 28) ** 2 + (xx - 24) ** 2 <= 144
-  box = (yy >= 12) & (yy < 40) & (xx >= 20) & (xx < 52)
-  scribble = (np.abs(yy - xx) <= 2) & (yy >= 16) & (yy < 48)
-  return np.stack([disc, box, scribble]).astype(np.float32)
-
-
-def _batch(seed: int = 0) -> dict[str, jax.Array]:
-  """Row 0: omni (text + visual); row 1: text only; row 2: visual only."""
-  rng = np.random.default_rng(seed)
-  text_mask = np.ones((BATCH, TEXT_LEN), np.int32)
-  text_mask[:, 5:] = 0
-  return {
-      "image": jnp.asarray(rng.integers(0, 256, (BATCH, SIZE, SIZE, 3)), jnp.uint8),
-      "text_ids": jnp.asarray(rng.integers(1, 99, (BATCH, TEXT_LEN)), jnp.int32),
-      "text_attention_mask": jnp.asarray(text_mask),
-      "ref_image": jnp.asarray(rng.integers(0, 256, (BATCH, SIZE, SIZE, 3)), jnp.uint8),
-      "ref_prompt": jnp.asarray(_prompt_maps()),
-      "has_text": jnp.array([True, True, False]),
-      "has_visual": jnp.array([True, False, True]),
-  }
-
-
 def test_every_switch_off_is_the_core_model():
   """Same key: the same parameter tree (paths, logical names, values) and the same outputs as OmniSegNet."""
   core_model = OmniSegNet(OmniSegNetConfig.tiny_test())

@@ -326,6 +326,35 @@ class OmniSegNet(nn.Module):
     hidden = self.text_encoder(text_ids, text_attention_mask, deterministic=deterministic)
     return self.text_projection(hidden), text_attention_mask.astype(bool)
 
+  def encode_call_text(self, text_ids: Array | None, text_attention_mask: Array | None, ref_image: Array | None,
+                       ref_prompt: Array | None, *, deterministic: bool = True) -> tuple[Array | None, Array | None]:
+    """`__call__`'s prompt arguments checked, and its text encoded ((None, None) without text)."""
+    if ref_image is not None and ref_prompt is None:
+      raise ValueError("OmniSegNet: ref_image needs ref_prompt (B, Hr, Wr) binary")
+    if ref_image is None and text_ids is None:
+      raise ValueError("OmniSegNet: give a text prompt (text_ids) or a visual prompt (ref_image, ref_prompt)")
+    if text_ids is None:
+      return None, None
+    if text_attention_mask is None:
+      raise ValueError("OmniSegNet: text_ids needs text_attention_mask (B, L) {0, 1}")
+    return self.encode_text(text_ids, text_attention_mask, deterministic=deterministic)
+
+  def encode_prompts(self, text_ids: Array | None = None, text_attention_mask: Array | None = None,
+                     ref_image: Array | None = None, ref_prompt: Array | None = None, *,
+                     deterministic: bool = True) -> dict[str, Array | None]:
+    """A batch of prompts encoded for `decode` (its keyword arguments; an absent modality's are None).
+
+    Late fusion only: with `encode_image` this answers prompts about an image encoded once.
+    """
+    self._check_late_fusion("encode_prompts")
+    text_tokens, text_mask = self.encode_call_text(text_ids, text_attention_mask, ref_image, ref_prompt,
+                                                   deterministic=deterministic)
+    visual_tokens = visual_mask = None
+    if ref_image is not None:
+      visual_tokens, visual_mask = self.encode_visual(ref_image, ref_prompt, deterministic=deterministic)
+    return {"text_tokens": text_tokens, "text_mask": text_mask, "visual_tokens": visual_tokens,
+            "visual_mask": visual_mask}
+
   def encode_visual(self, ref_image: Array, ref_prompt: Array, *,
                     deterministic: bool = True) -> tuple[Array, Array]:
     """Reference image (B, Hr, Wr, 3) 0..255 and its binary prompt (B, Hr, Wr) -> (tokens (B, n, prompt_dim),
@@ -412,15 +441,9 @@ class OmniSegNet(nn.Module):
       has_text, has_visual: (B,) bool, which examples carry that prompt (all True when None).
       deterministic: disables dropout / drop-path when True.
     """
-    text_tokens = text_mask = visual_tokens = visual_mask = None
-    if text_ids is not None:
-      if text_attention_mask is None:
-        raise ValueError("OmniSegNet: text_ids needs text_attention_mask (B, L) {0, 1}")
-      text_tokens, text_mask = self.encode_text(text_ids, text_attention_mask, deterministic=deterministic)
-    if ref_image is not None and ref_prompt is None:
-      raise ValueError("OmniSegNet: ref_image needs ref_prompt (B, Hr, Wr) binary")
-    if ref_image is None and text_ids is None:
-      raise ValueError("OmniSegNet: give a text prompt (text_ids) or a visual prompt (ref_image, ref_prompt)")
+    text_tokens, text_mask = self.encode_call_text(text_ids, text_attention_mask, ref_image, ref_prompt,
+                                                   deterministic=deterministic)
+    visual_tokens = visual_mask = None
 
     if self.config.early_fusion:
       if ref_image is not None:

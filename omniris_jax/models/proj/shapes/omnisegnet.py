@@ -361,15 +361,9 @@ class ShapesOmniSegNet(core.OmniSegNet):
                ref_image: Array | None = None, ref_prompt: Array | None = None, has_text: Array | None = None,
                has_visual: Array | None = None, *, deterministic: bool = True) -> dict[str, Array]:
     """`OmniSegNet.__call__`, with the category-match prior and the extra heads."""
-    text_tokens = text_mask = visual_tokens = visual_mask = None
-    if text_ids is not None:
-      if text_attention_mask is None:
-        raise ValueError("OmniSegNet: text_ids needs text_attention_mask (B, L) {0, 1}")
-      text_tokens, text_mask = self.encode_text(text_ids, text_attention_mask, deterministic=deterministic)
-    if ref_image is not None and ref_prompt is None:
-      raise ValueError("OmniSegNet: ref_image needs ref_prompt (B, Hr, Wr) binary")
-    if ref_image is None and text_ids is None:
-      raise ValueError("OmniSegNet: give a text prompt (text_ids) or a visual prompt (ref_image, ref_prompt)")
+    text_tokens, text_mask = self.encode_call_text(text_ids, text_attention_mask, ref_image, ref_prompt,
+                                                   deterministic=deterministic)
+    visual_tokens = visual_mask = None
     target_features, ref_features = self.encode_pair(image, ref_image, deterministic=deterministic)
     ref_categories = None
     if ref_features is not None and self.config.category_matching:
@@ -394,6 +388,22 @@ class ShapesOmniSegNet(core.OmniSegNet):
     if self.config.colour_head:
       outputs["colour"] = self.colour_head(image_features["mask_features"])
     return outputs
+
+  def encode_prompts(self, text_ids: Array | None = None, text_attention_mask: Array | None = None,
+                     ref_image: Array | None = None, ref_prompt: Array | None = None, *,
+                     deterministic: bool = True) -> dict[str, Array | None]:
+    """`OmniSegNet.encode_prompts`, plus `ref_categories` for the category-match prior when it is on."""
+    text_tokens, text_mask = self.encode_call_text(text_ids, text_attention_mask, ref_image, ref_prompt,
+                                                   deterministic=deterministic)
+    encoded = {"text_tokens": text_tokens, "text_mask": text_mask, "visual_tokens": None, "visual_mask": None}
+    if ref_image is not None:
+      ref_features = self._backbone(ref_image, "ref_image", deterministic)
+      encoded["visual_tokens"], encoded["visual_mask"] = self.prompt_encoder(ref_features, ref_prompt,
+                                                                             deterministic=deterministic)
+      if self.config.category_matching:
+        ref_mask_features = self._pixel_features(ref_features, deterministic)["mask_features"]
+        encoded["ref_categories"] = self.reference_categories(ref_mask_features, ref_prompt)
+    return encoded
 
   def _category_probabilities(self, mask_features: Array) -> Array:
     """(B, h, w, K) object-category probabilities of each pixel (background dropped, so they sum to <= 1)."""

@@ -108,6 +108,8 @@ def latest_step_directory(directory: str) -> str | None:
 def load_params_from(directory: str, abstract_params: Any, fresh_params: Any, log=print) -> Any:
   """`fresh_params` overwritten by the newest checkpoint's parameters in `directory` that match in path and shape.
 
+  `fresh_params` may be a function that makes them, called only when the checkpoint lacks some.
+
   Saved values are restored straight into the target shardings; parameters left fresh are logged.
 
   Raises:
@@ -128,12 +130,14 @@ def load_params_from(directory: str, abstract_params: Any, fresh_params: Any, lo
   restored = checkpointer.restore(item_dir, args=ocp.args.PyTreeRestore(
       item=target, restore_args=_restore_args(target), partial_restore=True))
   loaded = traverse_util.flatten_dict(restored["params"])
-  merged = traverse_util.flatten_dict(fresh_params)
-  merged.update(loaded)
   missing = sorted("/".join(key) for key in wanted if key not in loadable)
   log(f"Initialised {len(loaded)} of {len(wanted)} parameter arrays from {step_dir}"
       + (f"; freshly initialised (absent or reshaped there): {missing[:8]}"
          f"{' ...' if len(missing) > 8 else ''}" if missing else "."))
+  if not missing:  # nothing to fill in: a callable `fresh_params` is never called
+    return traverse_util.unflatten_dict(loaded)
+  merged = traverse_util.flatten_dict(fresh_params() if callable(fresh_params) else fresh_params)
+  merged.update(loaded)
   return traverse_util.unflatten_dict(merged)
 
 

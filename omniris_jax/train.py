@@ -86,7 +86,7 @@ class TrainedStage:
   step: int  # of the checkpoint loaded
 
 
-def load_trained_stage(config: Any, workdir: str, stage: str | None = None) -> TrainedStage:
+def load_trained_stage(config: Any, workdir: str, stage: str | None = None, log: Callable = print) -> TrainedStage:
   """The newest checkpoint of WORKDIR/<stage>/checkpoints (stage: the config's by default) with its model, mesh
   and shardings; parameters the checkpoint lacks are freshly initialised (and listed)."""
   stage = stage or config.stage
@@ -102,8 +102,9 @@ def load_trained_stage(config: Any, workdir: str, stage: str | None = None) -> T
   shardings = sharding.state_shardings(abstract_boxed, mesh, rules)
   shapes_tree = sharding.plain(abstract_boxed)
   abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes_tree, shardings)
-  fresh = jax.jit(lambda rng: nn.unbox(init(rng)), out_shardings=shardings)(jax.random.PRNGKey(config.seed))
-  params = checkpointing.load_params_from(checkpoint_dir, abstract, fresh)
+  fresh = lambda: jax.jit(lambda rng: nn.unbox(init(rng)), out_shardings=shardings)(  # noqa: E731
+      jax.random.PRNGKey(config.seed))
+  params = checkpointing.load_params_from(checkpoint_dir, abstract, fresh, log=log)
   step = int(os.path.basename(checkpointing.latest_step_directory(checkpoint_dir)))
   return TrainedStage(config, mesh, rules, model, params, shardings, checkpoint_dir, step)
 
@@ -162,6 +163,9 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
   log = print if is_chief else (lambda *args, **kwargs: None)
   os.makedirs(stage_dir, exist_ok=True)
   results_path = os.path.join(stage_dir, "results.json")
+  if is_chief:  # what the predictor rebuilds the model from (predict.Predictor.from_workdir)
+    with open(os.path.join(stage_dir, "config.json"), "w") as file:
+      file.write(config.to_json_best_effort(indent=1))
 
   # ----------------------------------------------------------------------------------------------------------
   # Mesh

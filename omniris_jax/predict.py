@@ -185,9 +185,27 @@ class Prediction:
   nt_logits: np.ndarray | None = None
 
   @property
+  def prompt_no_target(self) -> np.ndarray:
+    """(K,) bool: the model calls "no target" for the prompt (its mask is then empty)."""
+    return self.no_target_prob >= 0.5
+
+  @property
   def no_target(self) -> bool:
-    """True when the model finds none of the prompts' referents."""
-    return not self.union.any()
+    """True when the model calls "no target" for every prompt."""
+    return bool(self.prompt_no_target.all())
+
+
+def verdict(prediction: Prediction, index: int) -> str:
+  """Prompt `index`'s answer in words: "no target" when the model calls it, else the area it paints (which can be
+  empty while the model believes the referent is there)."""
+  mask = prediction.masks[index]
+  if prediction.prompt_no_target[index]:
+    words = "no target"
+  elif not mask.any():
+    words = "an empty mask"
+  else:
+    words = f"{int(mask.sum()):,} pixels, {100 * mask.mean():.1f}% of the image"
+  return f"{words} (p(no target) {prediction.no_target_prob[index]:.2f})"
 
 
 # ===============================================================================================================
@@ -437,10 +455,8 @@ def draw_overlay(image: np.ndarray, prediction: Prediction, labels: Sequence[str
   if prediction.no_target:
     lines.append(("NO TARGET: the model finds no referent in this image", (255, 255, 255)))
   for index, label in enumerate(labels):
-    verdict = ("no target" if not prediction.masks[index].any()
-               else f"{100 * prediction.masks[index].mean():.1f}% of the image")
     colour = tuple(int(c) for c in _COLOURS[index % len(_COLOURS)])
-    text = f"{label}: {verdict} (p(no target) {prediction.no_target_prob[index]:.2f})"
+    text = f"{label}: {verdict(prediction, index)}"
     lines += [(part, colour) for part in textwrap.wrap(text, max(20, picture.width // 8))]
   line_height = 16
   legend = Image.new("RGB", (picture.width, line_height * len(lines) + 8), (0, 0, 0))
@@ -465,7 +481,8 @@ def prediction_json(prediction: Prediction, labels: Sequence[str], image_path: s
   return {"image": image_path, "height": height, "width": width, "no_target": prediction.no_target,
           "union": rle(prediction.union),
           "prompts": [{"prompt": label, "no_target_prob": float(prediction.no_target_prob[index]),
-                       "no_target": not bool(prediction.masks[index].any()), "area": int(prediction.masks[index].sum()),
+                       "no_target": bool(prediction.prompt_no_target[index]),
+                       "area": int(prediction.masks[index].sum()),
                        "mask": rle(prediction.masks[index])} for index, label in enumerate(labels)]}
 
 
@@ -537,6 +554,7 @@ def _config_from_flag(spec: str) -> Any:
 
 def main(argv: Sequence[str] | None = None) -> int:
   args = _parse_args(sys.argv[1:] if argv is None else argv)
+  os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")  # the tokenizer needs no PyTorch; say nothing
   from omniris_jax.main import configure_compilation_cache  # pylint: disable=g-import-not-at-top
   configure_compilation_cache("~/.cache/omniris_jax/jax_compilation_cache", 1024)  # later runs skip compiles
   try:
@@ -574,8 +592,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"\r{done}/{len(images)} images  {rate:.2f}/s  ETA {(len(images) - done) / rate:.0f} s",
               end="" if done < len(images) else "\n", flush=True)
       else:
-        verdict = "no target" if prediction.no_target else f"{int(prediction.union.sum())} pixels"
-        print(f"{image_path}: {verdict} (p(no target) {prediction.no_target_prob[0]:.2f}); wrote {out}"
+        print(f"{image_path}: {verdict(prediction, 0)}; wrote {out}"
               + (f" and {args.json}" if args.json else ""))
   except (FileNotFoundError, ValueError) as error:
     print(f"error: {error}", file=sys.stderr)

@@ -92,13 +92,9 @@ def prompt_label(text: str | None, spatial: str | None) -> str:
 
 
 def verdict(prediction: predict.Prediction, label: str) -> str:
-  """The answer in words: "no target" plainly when the model finds none, else the area found; then the prompt."""
-  probability = float(prediction.no_target_prob[0])
-  if prediction.no_target:
-    return f"no target (p(no target) {probability:.2f}) for {label}"
-  area = int(prediction.union.sum())
-  return (f"found: {area:,} pixels, {100 * prediction.union.mean():.1f}% of the image (p(no target) "
-          f"{probability:.2f}) for {label}")
+  """The answer in words ("no target" plainly when that is the model's call, else what it paints), then the
+  prompt."""
+  return f"{predict.verdict(prediction, 0)} for {label}"
 
 
 # ===============================================================================================================

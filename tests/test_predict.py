@@ -226,3 +226,18 @@ def test_the_exported_halves_reload_without_the_model_and_give_the_same_masks(pr
   assert result.stdout.strip().splitlines()[-1] == "[]"
 
 
+
+
+def test_no_target_is_the_model_s_call_and_an_empty_mask_is_said_apart():
+  empty = np.zeros((2, 4, 4), bool)
+  painted = empty.copy()
+  painted[1, :2, :2] = True
+  believed = predict.Prediction(empty, empty.any(axis=0), np.array([0.2, 0.9]))
+  assert not believed.no_target and believed.prompt_no_target.tolist() == [False, True]
+  assert predict.verdict(believed, 0).startswith("an empty mask (p(no target) 0.20)")
+  assert predict.verdict(believed, 1).startswith("no target (p(no target) 0.90)")
+  assert predict.Prediction(empty, empty[0], np.array([0.6, 0.9])).no_target
+  found = predict.Prediction(painted, painted.any(axis=0), np.array([0.1, 0.3]))
+  assert predict.verdict(found, 1) == "4 pixels, 25.0% of the image (p(no target) 0.30)"
+  payload = predict.prediction_json(believed, ["a", "b"], None)
+  assert [p["no_target"] for p in payload["prompts"]] == [False, True] and payload["no_target"] is False

@@ -56,19 +56,24 @@ ImageLike = Any  # a path, a PIL image or an array (H, W), (H, W, 1), (H, W, 3) 
 # ===============================================================================================================
 
 
+def _open(path: str | os.PathLike, name: str) -> Image.Image:
+  """The image file at `path`, decoded and turned upright by its EXIF orientation; errors name `name`."""
+  path = os.fspath(path)
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"{name}: no file {path!r}.")
+  try:
+    with Image.open(path) as opened:
+      opened.load()
+      return ImageOps.exif_transpose(opened)
+  except (UnidentifiedImageError, OSError) as error:
+    raise ValueError(f"{name}: {path!r} is not an image this predictor can read ({error}); give a JPEG, PNG or "
+                     "another format Pillow opens.") from error
+
+
 def load_image(image: ImageLike, name: str = "image") -> np.ndarray:
   """Any image as uint8 RGB (H, W, 3), EXIF orientation applied; a clear ValueError when it cannot be read."""
   if isinstance(image, (str, os.PathLike)):
-    path = os.fspath(image)
-    if not os.path.isfile(path):
-      raise FileNotFoundError(f"{name}: no file {path!r}.")
-    try:
-      with Image.open(path) as opened:
-        opened.load()
-        image = ImageOps.exif_transpose(opened)
-    except (UnidentifiedImageError, OSError) as error:
-      raise ValueError(f"{name}: {path!r} is not an image this predictor can read ({error}); give a JPEG, PNG or "
-                       "another format Pillow opens.") from error
+    image = _open(image, name)
   elif isinstance(image, Image.Image):
     image = ImageOps.exif_transpose(image)
   if isinstance(image, Image.Image):
@@ -99,15 +104,7 @@ def load_mask(mask: ImageLike, size: tuple[int, int], name: str) -> np.ndarray:
   or when it is empty.
   """
   if isinstance(mask, (str, os.PathLike)):
-    path = os.fspath(mask)
-    if not os.path.isfile(path):
-      raise FileNotFoundError(f"{name}: no file {path!r}.")
-    try:
-      with Image.open(path) as opened:
-        opened.load()
-        mask = ImageOps.exif_transpose(opened)
-    except (UnidentifiedImageError, OSError) as error:
-      raise ValueError(f"{name}: {path!r} is not an image this predictor can read ({error}).") from error
+    mask = _open(mask, name)
   elif isinstance(mask, Image.Image):
     mask = ImageOps.exif_transpose(mask)
   if isinstance(mask, Image.Image):

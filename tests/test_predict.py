@@ -148,6 +148,7 @@ def test_bad_images_and_workdirs_are_refused_naming_them(predictor, tmp_path):
     predictor.set_image(str(tmp_path / "missing.jpg"))
   with pytest.raises(ValueError, match="the image is empty"):
     predictor.set_image(np.zeros((0, 5, 3), np.uint8))
+  predictor.set_image(TARGET)
   with pytest.raises(ValueError, match="prompt 0: ref_image: .* is not an image"):
     predictor.predict(ref_image=str(broken), ref_box=(0, 0, 1, 1))
   (tmp_path / "empty" / "alignment" / "checkpoints").mkdir(parents=True)

@@ -20,7 +20,9 @@ from omniris_jax.models.proj.shapes import omnisegnet as shapes
 from omniris_jax.models.proj.shapes.omnisegnet import (ConvStem, ConvStemSwin, PixelPromptFusion, ShapesMaskDecoder,
                                                        ShapesOmniSegNet, ShapesOmniSegNetConfig, ShapesPromptEncoder)
 
-from test_omnisegnet import BATCH, SIZE, _batch  # noqa: E402  (tests/ is on sys.path under pytest)
+from test_mask_decoder import BATCH as DECODER_BATCH  # noqa: E402  (tests/ is on sys.path under pytest)
+from test_mask_decoder import _inputs as _decoder_inputs  # noqa: E402
+from test_omnisegnet import BATCH, SIZE, _batch  # noqa: E402
 
 
 def _with_leaf(variables, path, value):
@@ -160,20 +162,6 @@ def test_queries_in_prompt_box_move_the_reference_points_only():
 # ----------------------------------------------------------------------------------------------------------
 # Mask decoder: prompt kernel, no-target evidence, pixel fusion (word attention, low-level features), positions
 # ----------------------------------------------------------------------------------------------------------
-DECODER_BATCH = 2
-PROMPT_LEN = 5
-
-
-def _decoder_inputs(config: MaskDecoderConfig, seed: int = 0):
-  keys = jax.random.split(jax.random.key(seed), 5)
-  width = config.hidden_dim
-  multi_scale = [jax.random.normal(keys[i], (DECODER_BATCH, s, s, width)) for i, s in enumerate((2, 4, 8))]
-  mask_features = jax.random.normal(keys[3], (DECODER_BATCH, 16, 16, config.mask_dim))
-  prompt_tokens = jax.random.normal(keys[4], (DECODER_BATCH, PROMPT_LEN, width))
-  prompt_mask = jnp.array([[1, 1, 1, 0, 0], [1, 0, 0, 0, 0]], bool)
-  return multi_scale, mask_features, prompt_tokens, prompt_mask
-
-
 def _with_and_without(option: str):
   """The tiny decoder with `option` on and the core decoder on the same parameters without it: (inputs, out,
   plain, option params, the mean of the valid prompt tokens)."""

@@ -56,9 +56,14 @@ class NonFiniteError(FloatingPointError):
 # ===============================================================================================================
 
 
+def init_params(model: nn.Module, config: Any, rng: jax.Array) -> Any:
+  """Fresh parameters of `model` for `config`'s inputs, boxed with their logical axes."""
+  return model.init(rng, **factory.dummy_inputs(config))["params"]
+
+
 def create_train_state(model: nn.Module, tx: Any, config: Any, rng: jax.Array) -> steps.TrainState:
   """The initial train state (boxed parameters: call under `jax.eval_shape` or `jax.jit` with shardings)."""
-  params = model.init(rng, **factory.dummy_inputs(config))["params"]
+  params = init_params(model, config, rng)
   return steps.TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
 
 
@@ -96,7 +101,7 @@ def load_trained_stage(config: Any, workdir: str, stage: str | None = None, log:
   rules = sharding.make_rules(config.sharding.rules)
   checkpoint_dir = os.path.join(workdir, stage, "checkpoints")
   model = factory.make_model(config)
-  init = lambda rng: model.init(rng, **factory.dummy_inputs(config))["params"]  # noqa: E731
+  init = functools.partial(init_params, model, config)
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     abstract_boxed = jax.eval_shape(init, jax.random.PRNGKey(config.seed))
   shardings = sharding.state_shardings(abstract_boxed, mesh, rules)
@@ -308,17 +313,20 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
 
 def _initial_state(config: Any, workdir: str, model: nn.Module, tx: Any, state_shardings: Any,
                    abstract_state: Any, rng: jax.Array, log: Callable) -> steps.TrainState:
-  """A stage's first state: parameters from `init_from`, else fresh (with the pretrained text encoder)."""
-  init = lambda rng: nn.unbox(model.init(rng, **factory.dummy_inputs(config))["params"])  # noqa: E731
-  params = jax.jit(init, out_shardings=state_shardings.params)(rng)
+  """A stage's first state: parameters from `init_from` (fresh ones only where it lacks some), else fresh (with
+  the pretrained text encoder)."""
+  fresh = lambda: jax.jit(lambda rng: nn.unbox(init_params(model, config, rng)),  # noqa: E731
+                          out_shardings=state_shardings.params)(rng)
   if config.init_from:
     init_dir = config.init_from if os.path.isabs(config.init_from) else os.path.join(
         workdir, config.init_from, "checkpoints")
-    params = checkpointing.load_params_from(init_dir, abstract_state.params, params, log=log)
-  elif factory.text_encoder_checkpoint(config):
+    params = checkpointing.load_params_from(init_dir, abstract_state.params, fresh, log=log)
+  else:
+    params = fresh()
     path = factory.text_encoder_checkpoint(config)
-    params = jax.device_put(omnisegnet.load_pretrained_text_encoder(params, path), state_shardings.params)
-    log(f"Text encoder initialised from {path}.")
+    if path:
+      params = jax.device_put(omnisegnet.load_pretrained_text_encoder(params, path), state_shardings.params)
+      log(f"Text encoder initialised from {path}.")
   opt_state = jax.jit(tx.init, out_shardings=state_shardings.opt_state)(params)
   return steps.TrainState(step=jax.device_put(jnp.zeros((), jnp.int32), state_shardings.step), params=params,
                           opt_state=opt_state)

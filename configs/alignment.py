@@ -17,7 +17,7 @@ import common  # noqa: E402  pylint: disable=g-import-not-at-top
 
 
 def get_config(arg: str = ""):
-  """`arg` is the variant after the colon: '' (paper recipe), 'demo' or 'demo_long'."""
+  """`arg` is the variant after the colon: '' (paper recipe), 'release', 'demo' or 'demo_long'."""
   c = common.base_config(arg)
   c.stage = "alignment"  # Writes WORKDIR/alignment/.
   c.init_from = None  # The first stage starts from scratch (+ the pretrained text encoder).

@@ -11,6 +11,7 @@ Variants (`--config=configs/joint.py:demo`):
   'demo'      the synthetic `shapes` demo on a 2-core CPU (configs/proj/shapes/demo.py); `joint.py:demo` runs
               all three stages from one command
   'demo_long' the same on a longer schedule
+  'release'   the paper's data and stages with the training recipe of the authors' PyTorch release (`_release`)
 One field can be overridden from the command line, e.g. `--config.input.batch_size=16`.
 """
 
@@ -21,7 +22,7 @@ from pathlib import Path
 
 import ml_collections
 
-VARIANTS = ("", "demo", "demo_long")
+VARIANTS = ("", "demo", "demo_long", "release")
 STAGES = ("alignment", "visual", "joint")
 PAPER_STEPS = 40_000  # Optimiser steps of each stage in the paper's recipe.
 
@@ -34,8 +35,9 @@ def base_config(variant: str = "") -> ml_collections.ConfigDict:
   c.variant = variant
   c.seed = 0  # Seeds parameter init, dropout (fold_in(seed, step)), the data order and every random choice.
   c.stage = ""  # Set by the stage file: the sub-directory of the workdir this stage writes to.
-  c.init_from = ml_collections.config_dict.placeholder(str)  # A stage name (WORKDIR/<name>/checkpoints) or an
-  # absolute checkpoint directory whose newest parameters start this stage; None: scratch.
+  c.init_from = ml_collections.config_dict.placeholder(str)  # A stage name (WORKDIR/<name>/checkpoints), an
+  # absolute checkpoint directory or an absolute workdir (e.g. a converted release checkpoint) whose newest
+  # parameters start this stage; None: scratch.
   c.train_data = "text"  # 'text' (dataset.text_source), 'visual' (dataset.visual_source) or 'mixed' (both).
   c.mix_ratio = (7, 2)  # Text : visual examples when train_data='mixed' (paper Table 5's best).
   # What the ratio interleaves: 'example' (every batch mixes both, the paper's batch sample ratio) or 'batch'
@@ -75,6 +77,7 @@ def base_config(variant: str = "") -> ml_collections.ConfigDict:
   c.input = ml_collections.ConfigDict()
   c.input.resolution = 480  # Square side images and masks are resized to (paper: 480).
   c.input.max_text_len = 20  # BERT tokens including [CLS]/[SEP] (paper: 20).
+  c.input.keep_sep = True  # A longer text is cut keeping [SEP] last; False cuts the ids (drops [SEP]).
   c.input.batch_size = 64  # Global batch (split over processes and data x fsdp devices).
   c.input.prompt_types = ("mask", "box", "scribble")  # Spatial prompts drawn at random in training.
   c.input.regenerate_prompts = True  # Fresh boxes/scribbles from the reference mask at every draw (training).
@@ -94,9 +97,12 @@ def base_config(variant: str = "") -> ml_collections.ConfigDict:
 
   c.optimizer = ml_collections.ConfigDict()
   c.optimizer.learning_rate = 1e-5  # Peak learning rate (paper: 1e-5).
-  c.optimizer.warmup_steps = 1000  # Linear warmup from 0.
-  c.optimizer.power = 0.9  # Polynomial decay exponent (detectron2 'WarmupPolyLR' default) ...
+  c.optimizer.warmup_steps = 1000  # Linear warmup from 0, then the `lr_schedule`:
+  c.optimizer.lr_schedule = "poly"  # 'poly' (detectron2 'WarmupPolyLR') or 'multistep' ('WarmupMultiStepLR').
+  c.optimizer.power = 0.9  # 'poly': decay exponent (detectron2's default) ...
   c.optimizer.end_learning_rate = 0.0  # ... down to this at the stage's last step.
+  c.optimizer.boundaries = ()  # 'multistep': from each of these absolute steps on, the rate is multiplied ...
+  c.optimizer.factor = 0.1  # ... by this.
   c.optimizer.b1 = 0.9  # Adam beta1.
   c.optimizer.b2 = 0.999  # Adam beta2.
   c.optimizer.eps = 1e-8  # Adam epsilon.
@@ -142,8 +148,49 @@ def for_variant(c: ml_collections.ConfigDict, variant: str) -> ml_collections.Co
   """The stage config `c` (paper recipe, stage fields set) turned into `variant`."""
   if not variant:
     return c
+  if variant == "release":
+    return _release(c)
   path = Path(__file__).resolve().parent / "proj" / "shapes" / "demo.py"
   spec = importlib.util.spec_from_file_location("omniris_configs_proj_shapes_demo", path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module.apply(c, variant)
+
+
+def _release(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The stage config `c` with the training recipe of the authors' PyTorch release (As-Time-Goes-By/OmniSegNet).
+
+  Each line below sets one part of the release's recipe and names the release file it comes from. As in the
+  paper: lr 1e-5, batch 64, AdamW's betas and eps (torch defaults), the stages, their data and length (40,000
+  steps; the release trains 50 epochs).
+  """
+  c.model.preset = "release"  # The released model (OmniSegNetConfig.release; OmniSegNet_model/).
+  # 1e-5 for every group: configs/referring_swin_base.yaml BASE_LR; train_net.py build_optimizer reads neither
+  # train.sh's --lr/--wd/--warmup* nor BACKBONE_MULTIPLIER.
+  c.optimizer.learning_rate = 1e-5
+  c.optimizer.lr_schedule = "multistep"  # detectron2's default WarmupMultiStepLR, stepped every iteration ...
+  c.optimizer.boundaries = (26_320, 33_840)  # ... x0.1 from these steps on (referring_swin_base.yaml STEPS, GAMMA);
+  c.optimizer.factor = 0.1
+  c.optimizer.warmup_steps = 0  # its warmup is a no-op (Base-COCO-InstanceSegmentation.yaml WARMUP_FACTOR 1.0).
+  # Global-norm clip over the optimised gradients: train.sh --clip_grads --clip_value 0.01, applied by utils.py
+  # NativeScalerWithGradNormCount2 (setup() in train_net.py disables SOLVER.CLIP_GRADIENTS).
+  c.optimizer.grad_clip_norm = 0.01
+  # BERT layers 0-9 train; its embeddings and layers 10-11 never do (build_optimizer optimises only
+  # text_encoder.encoder.layer[i], i < 10). The stage's own rules come first: stage 2 still freezes all of BERT.
+  c.optimizer.schedule = (*(rule for rule in c.optimizer.schedule if rule[0] != ".*"),
+                          (r"text_encoder/layer_[0-9]/.*", "default"), ("text_encoder/.*", None), (".*", "default"))
+  # Weight decay 0.05 (Base-COCO-InstanceSegmentation.yaml) except, as build_optimizer decides: parameters of
+  # nn.LayerNorm/GroupNorm modules (not BERT's, whose layers are one decayed group; not the prompt downscaler's
+  # LayerNorm2d, a plain nn.Module), nn.Embedding tables (the decoder's queries and level_embed, the prompt
+  # queries vis_prompts / vis_prompts_pos) and relative_position_bias_table. Biases and plain parameters
+  # (pixel_encoder/level_embed, the decoder's prompt_gate = lang_weight) decay.
+  c.optimizer.no_decay = (
+      r"^(?!text_encoder/|prompt_encoder/prompt_downscaler/).*norm[^/]*/(scale|bias)$", r"(^|/)embedding$",
+      r"relative_position_bias_table$", r"^mask_decoder/(query_features|query_positions|level_embed)$",
+      r"^prompt_encoder/(query_embed|query_pos)$")
+  # One visual prompt type per run (train.sh --condition mask); box or scribble:
+  # --config.input.prompt_types="('box',)" or "('scribble',)".
+  c.input.prompt_types = ("mask",)
+  c.input.keep_sep = False  # Long texts cut after 20 ids, [SEP] dropped (datasets/dataloader_*.py).
+  c.input.batch_size = 64  # train.sh: --batch-size 8 on each of 8 GPUs.
+  return c

@@ -21,14 +21,15 @@ import visual  # noqa: E402  pylint: disable=g-import-not-at-top
 
 
 def get_config(arg: str = ""):
-  """`arg` is the variant after the colon: '' (paper recipe, this stage only), 'demo' or 'demo_long' (all three)."""
+  """`arg` is the variant after the colon: '' (paper recipe) or 'release' (this stage only), 'demo' or 'demo_long'
+  (all three)."""
   c = common.base_config(arg)
   c.stage = "joint"  # Writes WORKDIR/joint/.
   c.init_from = "visual"  # Parameters from WORKDIR/visual/checkpoints (newest).
   c.train_data = "mixed"  # dataset.text_source and dataset.visual_source interleaved ...
   c.mix_ratio = (7, 2)  # ... 7 text-guided : 2 visual-guided examples (paper Table 5's best).
   c.prompts = ("text", "visual")  # Both prompt encoders.
-  if arg:  # The demos run the whole regime from one command.
+  if arg in ("demo", "demo_long"):  # The demos run the whole regime from one command.
     c.run_before = ("alignment", "visual")
     c.stage_configs = {"alignment": alignment.get_config(arg), "visual": visual.get_config(arg)}
   return common.for_variant(c, arg)

@@ -19,7 +19,7 @@ import common  # noqa: E402  pylint: disable=g-import-not-at-top
 
 
 def get_config(arg: str = ""):
-  """`arg` is the variant after the colon: '' (paper recipe), 'demo' or 'demo_long'."""
+  """`arg` is the variant after the colon: '' (paper recipe), 'release', 'demo' or 'demo_long'."""
   c = common.base_config(arg)
   c.stage = "visual"  # Writes WORKDIR/visual/.
   c.init_from = "alignment"  # Parameters from WORKDIR/alignment/checkpoints (newest).

@@ -105,6 +105,31 @@ def latest_step_directory(directory: str) -> str | None:
   return None if step is None else os.path.join(os.path.abspath(directory), str(step))
 
 
+def latest_stage(workdir: str) -> str:
+  """The stage a trained workdir ends with: the last of joint, visual, alignment that has a checkpoint, else any
+  other stage directory with one (e.g. `release`, written by convert_release)."""
+  candidates = ["joint", "visual", "alignment"] + sorted(
+      name for name in os.listdir(workdir) if name not in ("joint", "visual", "alignment"))
+  for name in candidates:
+    if latest_step_directory(os.path.join(workdir, name, "checkpoints")) is not None:
+      return name
+  raise FileNotFoundError(f"{workdir!r} holds no trained stage (no <stage>/checkpoints with a checkpoint); train "
+                          "one first, e.g. `make demo`, or convert the release's checkpoint into it.")
+
+
+def init_directory(init_from: str, workdir: str) -> str:
+  """The checkpoint directory `config.init_from` names: a stage of this workdir ('visual'), an absolute checkpoint
+  directory, or an absolute workdir (its newest stage's checkpoints, e.g. a converted release checkpoint)."""
+  if not os.path.isabs(init_from):
+    return os.path.join(workdir, init_from, "checkpoints")
+  if latest_step_directory(init_from) is None and os.path.isdir(init_from):
+    try:
+      return os.path.join(init_from, latest_stage(init_from), "checkpoints")
+    except FileNotFoundError:
+      pass
+  return init_from
+
+
 def load_params_from(directory: str, abstract_params: Any, fresh_params: Any, log=print) -> Any:
   """`fresh_params` overwritten by the newest checkpoint's parameters in `directory` that match in path and shape.
 

@@ -27,12 +27,18 @@ from flax import linen as nn
 
 from omniris_jax import predict
 
+# The decoder's outputs the exported program returns: combined, and per modality for the predictor's union.
+OUTPUTS = ("mask_logits", "nt_logits", "text_mask_logits", "text_nt_logits", "visual_mask_logits",
+           "visual_nt_logits")
 ENCODE, DECODE, PARAMS, METADATA, VOCAB = ("encode_image.bin", "decode_prompts.bin", "params.npz", "predictor.json",
                                            "vocab.txt")
 
 
 def export_predictor(predictor: predict.Predictor, directory: str, num_prompts: int = 4) -> None:
   """Writes the predictor's two halves, its parameters and its preprocessing to `directory` (module docstring)."""
+  if predictor.early_fusion:
+    raise ValueError("export: this model fuses each prompt into its image encoder (early fusion, as a converted "
+                     "release checkpoint does), so it has no image half to export; export a late-fusion model.")
   model, size, length = predictor.model, predictor.resolution, predictor.max_text_len
   leaves, params_tree = jax.tree.flatten(predictor.params)
   image_spec = jax.ShapeDtypeStruct((1, size, size, 3), jnp.uint8)
@@ -50,7 +56,7 @@ def export_predictor(predictor: predict.Predictor, directory: str, num_prompts: 
     features = jax.tree.unflatten(features_tree[0], feature_leaves)
     outputs = predictor.decode_fn(params, features, text_ids, text_mask, ref_image, ref_prompt,
                                    has_text, has_visual)
-    return outputs["mask_logits"], outputs["nt_logits"]
+    return {key: outputs[key] for key in OUTPUTS}
 
   leaf_specs = [jax.ShapeDtypeStruct(leaf.shape, leaf.dtype) for leaf in leaves]
   k = num_prompts
@@ -70,7 +76,8 @@ def export_predictor(predictor: predict.Predictor, directory: str, num_prompts: 
   np.savez(os.path.join(directory, PARAMS), *[np.asarray(leaf) for leaf in jax.device_get(leaves)])
   shutil.copyfile(predictor.tokenizer.vocab_path, os.path.join(directory, VOCAB))
   with open(os.path.join(directory, METADATA), "w") as file:
-    json.dump({"resolution": size, "max_text_len": length, "num_prompts": k,
+    json.dump({"resolution": size, "max_text_len": length, "keep_sep": predictor.tokenizer.keep_sep,
+               "union": predictor.union, "num_prompts": k,
                "platforms": list(decoded.platforms)}, file, indent=1)
 
 
@@ -82,14 +89,14 @@ class ExportedPredictor:
     with open(os.path.join(directory, METADATA)) as file:
       metadata = json.load(file)
     self.resolution, self.max_text_len = metadata["resolution"], metadata["max_text_len"]
-    self.num_prompts = metadata["num_prompts"]
+    self.num_prompts, self.union = metadata["num_prompts"], metadata.get("union", True)
     with open(os.path.join(directory, ENCODE), "rb") as file:
       self._encode = jax.export.deserialize(bytearray(file.read()))
     with open(os.path.join(directory, DECODE), "rb") as file:
       self._decode = jax.export.deserialize(bytearray(file.read()))
     with np.load(os.path.join(directory, PARAMS)) as saved:
       self._params = [jnp.asarray(saved[f"arr_{i}"]) for i in range(len(saved.files))]
-    self.tokenizer = tokenizer.Tokenizer(os.path.join(directory, VOCAB))
+    self.tokenizer = tokenizer.Tokenizer(os.path.join(directory, VOCAB), keep_sep=metadata.get("keep_sep", True))
     self._features, self._image_size = None, None
 
   def set_image(self, image: predict.ImageLike) -> None:
@@ -105,9 +112,11 @@ class ExportedPredictor:
       raise ValueError(f"ExportedPredictor.predict: give 1 to {self.num_prompts} prompts (exported for "
                        f"{self.num_prompts}); got {len(prompts)}.")
     arrays = predict.prompt_arrays(prompts, self.tokenizer, self.resolution, self.max_text_len, self.num_prompts)
-    mask_logits, nt_logits = self._decode.call(self._params, self._features, *arrays)
-    return predict.to_prediction(np.asarray(mask_logits)[:len(prompts)], np.asarray(nt_logits)[:len(prompts)],
-                                 self._image_size)
+    outputs = jax.device_get(self._decode.call(self._params, self._features, *arrays))
+    count, (has_text, has_visual) = len(prompts), arrays[-2:]
+    return predict.to_prediction(outputs["mask_logits"][:count], outputs["nt_logits"][:count], self._image_size,
+                                 parts=predict.union_parts(outputs, has_text, has_visual, count) if self.union
+                                 else ())
 
 
 def main(argv: Sequence[str] | None = None) -> int:

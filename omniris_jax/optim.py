@@ -1,4 +1,5 @@
-"""The optimiser: AdamW with a warmup + polynomial-decay schedule, parameter groups frozen by path regex.
+"""The optimiser: AdamW with a warmup + polynomial-decay (or multistep) schedule, parameter groups frozen by path
+regex.
 
 Everything is decided by parameter *paths* ('image_encoder/stage0/block0/relative_position_bias_table'), so the
 config can say what trains and what decays without touching the model:
@@ -11,7 +12,8 @@ error.) Frozen parameters go through `optax.set_to_zero` inside `optax.multi_tra
 moments at all: stage 2 of the paper (text encoder frozen) keeps BERT's 22M parameters out of the optimiser
 state. Weight decay skips the paths that match `config.optimizer.no_decay` (norms, biases, embeddings,
 relative-position and other learnable tables, as the paper and Swin/BERT practice do). Global-norm clipping (the
-release clips at 0.01) is computed over the trainable gradients only. The learning-rate schedule reads the stage's
+release clips at 0.01) is computed over the trainable gradients only. `config.optimizer.lr_schedule` picks the
+learning-rate schedule from `SCHEDULES`: 'poly' (the paper's) or 'multistep' (the release's). It reads the stage's
 length from the optimiser state (`scale_by_stage_schedule`), so stages that differ only in length share one
 compiled train step.
 """
@@ -105,13 +107,43 @@ def warmup_polynomial(step: Any, total_steps: Any, *, learning_rate: float, warm
   return jnp.where(step < warmup_steps, warmup, decay)
 
 
-def learning_rate_schedule(*, learning_rate: float, total_steps: int, warmup_steps: int = 0, power: float = 1.0,
-                           end_learning_rate: float = 0.0) -> optax.Schedule:
-  """`warmup_polynomial` for a stage of `total_steps`, as a function of the step (for logging and plots)."""
+def warmup_multistep(step: Any, total_steps: Any, *, learning_rate: float, warmup_steps: int = 0,
+                     boundaries: Sequence[int] = (), factor: float = 0.1) -> jax.Array:
+  """Linear warmup from 0 over `warmup_steps`, then `learning_rate` times `factor` once per boundary <= `step`.
+
+  detectron2's WarmupMultiStepLR (bisect_right: the drop applies from the boundary's own step on; optax's
+  piecewise_constant_schedule applies it one step later). The boundaries are absolute step numbers, so
+  `total_steps` is not read; a boundary past the stage's end never applies.
+  """
+  del total_steps
+  step = jnp.asarray(step, jnp.float32)
+  drops = jnp.sum(step >= jnp.asarray(boundaries, jnp.float32))
+  warmup = learning_rate * step / max(warmup_steps, 1)
+  return jnp.where(step < warmup_steps, warmup, learning_rate * jnp.power(factor, drops))
+
+
+# config.optimizer.lr_schedule -> (the schedule, the config.optimizer fields it reads besides learning_rate and
+# warmup_steps).
+SCHEDULES = {"poly": (warmup_polynomial, ("power", "end_learning_rate")),
+             "multistep": (warmup_multistep, ("boundaries", "factor"))}
+
+
+def _schedule(name: str) -> tuple[Callable[..., jax.Array], tuple[str, ...]]:
+  if name not in SCHEDULES:
+    raise ValueError(f"config.optimizer.lr_schedule={name!r}; choose one of {tuple(SCHEDULES)}.")
+  return SCHEDULES[name]
+
+
+def learning_rate_schedule(name: str = "poly", *, total_steps: int, **hyper: Any) -> optax.Schedule:
+  """The schedule `SCHEDULES[name]` for a stage of `total_steps`, as a function of the step (for logging and plots).
+
+  `hyper`: learning_rate, warmup_steps and the schedule's own fields (SCHEDULES).
+  """
+  schedule, _ = _schedule(name)
+  warmup_steps = hyper.get("warmup_steps", 0)
   if total_steps < 1 or not 0 <= warmup_steps <= total_steps:
     raise ValueError(f"{total_steps=} must be >= 1 and {warmup_steps=} in [0, total_steps].")
-  return functools.partial(warmup_polynomial, total_steps=total_steps, learning_rate=learning_rate,
-                           warmup_steps=warmup_steps, power=power, end_learning_rate=end_learning_rate)
+  return functools.partial(schedule, total_steps=total_steps, **hyper)
 
 
 class StageScheduleState(NamedTuple):
@@ -159,24 +191,26 @@ def make_optimizer(config: Any, total_steps: int) -> tuple[optax.GradientTransfo
   """The optimiser and its learning-rate schedule from `config.optimizer` (see configs/common.py).
 
   Args:
-    config: the `optimizer` ConfigDict: learning_rate, warmup_steps, power, end_learning_rate, b1, b2, eps,
-      weight_decay, no_decay (regexes), grad_clip_norm (None for no clipping), schedule ((regex, None |
-      'default'), ...).
-    total_steps: the stage's number of optimiser steps (the decay reaches its end there).
+    config: the `optimizer` ConfigDict: learning_rate, warmup_steps, lr_schedule ('poly': power,
+      end_learning_rate; 'multistep': boundaries, factor), b1, b2, eps, weight_decay, no_decay (regexes),
+      grad_clip_norm (None for no clipping), schedule ((regex, None | 'default'), ...).
+    total_steps: the stage's number of optimiser steps (the 'poly' decay reaches its end there).
 
   Returns:
     (the optax transformation, the schedule step -> learning rate, for logging).
   """
-  hyper = dict(learning_rate=config.learning_rate, warmup_steps=config.warmup_steps, power=config.power,
-               end_learning_rate=config.end_learning_rate)
-  schedule_fn = learning_rate_schedule(total_steps=total_steps, **hyper)  # validates the numbers
+  name = config.get("lr_schedule", "poly")  # configs saved before 'multistep' existed have no such field
+  schedule, fields = _schedule(name)
+  hyper = dict(learning_rate=config.learning_rate, warmup_steps=config.warmup_steps,
+               **{field: config[field] for field in fields})
+  schedule_fn = learning_rate_schedule(name, total_steps=total_steps, **hyper)  # validates the numbers
   no_decay = tuple(config.no_decay)
   rules = tuple((pattern, rule) for pattern, rule in config.schedule)
   # AdamW (optax.adamw's chain: Adam moments, decoupled weight decay, learning rate), here with the stage's
   # length kept in the optimiser state (scale_by_stage_schedule).
   trainable = [optax.scale_by_adam(b1=config.b1, b2=config.b2, eps=config.eps),
                optax.add_decayed_weights(config.weight_decay, mask=lambda params: decay_mask(params, no_decay)),
-               scale_by_stage_schedule(functools.partial(warmup_polynomial, **hyper), total_steps)]
+               scale_by_stage_schedule(functools.partial(schedule, **hyper), total_steps)]
   if config.grad_clip_norm is not None:
     trainable.insert(0, optax.clip_by_global_norm(config.grad_clip_norm))
   tx = optax.multi_transform({TRAINABLE: optax.chain(*trainable), FROZEN: optax.set_to_zero()},

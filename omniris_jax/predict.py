@@ -1,6 +1,7 @@
 """Segment what prompts refer to in your own images: a predictor that encodes an image once, and its CLI.
 
-  predictor = Predictor.from_workdir("workdir/demo")          # a trained stage (the newest by default)
+  predictor = Predictor.from_workdir("workdir/demo")          # a trained stage (the newest by default), or a
+                                                               # converted release checkpoint (convert_release)
   predictor.set_image("photo.jpg")                             # encodes the target once
   result = predictor.predict(text="the red circle")           # one prompt ...
   result = predictor.predict(text=["the cat", "the dog"])      # ... or several, in one batched call
@@ -11,13 +12,17 @@
 The predictor carries the preprocessing the model was trained with: images of any size and mode (RGB, RGBA,
 grayscale, palette, EXIF-rotated JPEG; arrays, PIL images or paths) are resized to the model's square input
 (bilinear; spatial prompts nearest), text is tokenised to the model's length. Outputs are upsampled back to the
-target's size. A prompt's mask is empty when the model calls "no target" for it, and the union is over the
+target's size. An omni prompt (text and a visual prompt) of a 'union' model is answered as the release
+evaluates it: each part's mask is upsampled and the masks are OR-ed, and "no target" is called only when both
+parts call it. A prompt's mask is empty when the model calls "no target" for it, and the union is over the
 prompts the model finds.
 
 Compiled once per bucket: the image encoder once per predictor, the prompt decoder once per (number of prompts
 rounded up to a power of two, modalities present). Another prompt about the same image runs only the prompt
 encoders and the mask decoder. (Padding rows carry no prompt, but a padded batch with visual prompts still sends
-their blank references through the image encoder: at most twice the visual prompts' encoder passes.)
+their blank references through the image encoder: at most twice the visual prompts' encoder passes.) A model
+with early fusion (the release's) fuses each prompt into its image encoder, so `set_image` only keeps the
+resized image and every `predict` call runs the whole model: same answers, no encoding to reuse.
 
 CLI (a folder of images runs with a progress line):
 
@@ -257,14 +262,44 @@ def prompt_arrays(prompts: Sequence[Prompt], tokenizer: Any, size: int, max_text
   return text_ids, text_mask, ref_images, ref_prompts, has_text, has_visual
 
 
-def to_prediction(mask_logits: np.ndarray, nt_logits: np.ndarray, image_size: tuple[int, int], *,
-                  return_logits: bool = False) -> Prediction:
-  """K prompts' stride-4 mask logits and no-target logits -> masks at `image_size` = (H, W) (module docstring)."""
+def _masks_and_probs(mask_logits: np.ndarray, nt_logits: np.ndarray,
+                     image_size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+  """(K, h, w, 2) and (K, 2) logits -> argmax masks (K, H, W) at `image_size` and p(no target) (K,)."""
   no_target_prob = np.asarray(jax.nn.softmax(jnp.asarray(nt_logits, jnp.float32), axis=-1)[:, 1])
-  height, width = image_size
-  upsampled = jax.image.resize(jnp.asarray(mask_logits, jnp.float32), (len(mask_logits), height, width, 2),
+  upsampled = jax.image.resize(jnp.asarray(mask_logits, jnp.float32), (len(mask_logits), *image_size, 2),
                                method="bilinear")
-  masks = np.asarray(jnp.argmax(upsampled, axis=-1)).astype(bool) & (no_target_prob < 0.5)[:, None, None]
+  return np.asarray(jnp.argmax(upsampled, axis=-1)).astype(bool), no_target_prob
+
+
+def union_parts(outputs: dict[str, np.ndarray], has_text: np.ndarray, has_visual: np.ndarray,
+                count: int) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+  """The per-modality (mask_logits, nt_logits, available) of the first `count` rows for `to_prediction`'s
+  union, when the batch holds both modalities (else [] and the combined logits decide)."""
+  if not (has_text.any() and has_visual.any()):
+    return []
+  return [(outputs[f"{name}_mask_logits"][:count], outputs[f"{name}_nt_logits"][:count], available[:count])
+          for name, available in (("text", has_text), ("visual", has_visual))]
+
+
+def to_prediction(mask_logits: np.ndarray, nt_logits: np.ndarray, image_size: tuple[int, int], *,
+                  return_logits: bool = False, parts: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]] = ()
+                  ) -> Prediction:
+  """K prompts' stride-4 mask logits and no-target logits -> masks at `image_size` = (H, W) (module docstring).
+
+  `parts`: for a 'union' model, each modality's (mask_logits, nt_logits, available (K,) bool); a prompt's mask is
+  then the OR of its available parts' upsampled masks and its p(no target) their minimum (no target only when
+  every part says so), as the release evaluates omni prompts. Without parts, the combined logits decide.
+  """
+  if parts:
+    decided = [(*_masks_and_probs(logits, nt, image_size), available) for logits, nt, available in parts]
+    masks = np.zeros((len(mask_logits), *image_size), bool)
+    no_target_prob = np.ones((len(mask_logits),), np.float32)
+    for part_masks, part_probs, available in decided:
+      masks |= part_masks & available[:, None, None]
+      no_target_prob = np.where(available, np.minimum(no_target_prob, part_probs), no_target_prob)
+  else:
+    masks, no_target_prob = _masks_and_probs(mask_logits, nt_logits, image_size)
+  masks &= (no_target_prob < 0.5)[:, None, None]
   return Prediction(masks=masks, union=masks.any(axis=0), no_target_prob=no_target_prob,
                     mask_logits=mask_logits if return_logits else None,
                     nt_logits=nt_logits if return_logits else None)
@@ -277,23 +312,26 @@ class Predictor:
   """
 
   def __init__(self, model: nn.Module, params: Any, *, resolution: int, max_text_len: int,
-               vocab_path: str | None = None, mesh: jax.sharding.Mesh | None = None, rules: Any = ()):
-    """Args: the late-fusion model and its parameters, the square input side and text length it was trained
-    with, the tokenizer's vocabulary (None: MiniLM's, the default of the pipeline), and the mesh and logical-axis
-    rules the parameters are laid out for (None: one device)."""
+               vocab_path: str | None = None, keep_sep: bool = True, mesh: jax.sharding.Mesh | None = None,
+               rules: Any = ()):
+    """Args: the model and its parameters, the square input side and text length it was trained with, the
+    tokenizer's vocabulary (None: MiniLM's, the default of the pipeline, = BERT's uncased one) and truncation rule
+    (`Tokenizer.keep_sep`), and the mesh and logical-axis rules the parameters are laid out for (None: one
+    device)."""
     from omniris_jax.data import tokenizer  # pylint: disable=g-import-not-at-top
-    if getattr(model.config, "early_fusion", False):
-      raise ValueError("Predictor: the model fuses the prompt into its image encoder (early_fusion=True), so an "
-                       "image cannot be encoded once for many prompts; use a late-fusion model.")
     self.model, self.params = model, params
+    self.early_fusion = bool(getattr(model.config, "early_fusion", False))
+    self.union = getattr(model.config, "omni_fusion", "union") == "union"
     self.resolution, self.max_text_len = resolution, max_text_len
-    self.tokenizer = tokenizer.Tokenizer(vocab_path)
+    self.tokenizer = tokenizer.Tokenizer(vocab_path, keep_sep=keep_sep)
     self.mesh = mesh or jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
     self.rules = tuple(rules)
     self._traces = 0  # counted while tracing: jit traces a function once per program it compiles
 
     def encode(params, image):
       self._traces += 1
+      if self.early_fusion:  # the image is encoded with each prompt, in `decode`
+        return {"image": image}
       return model.apply({"params": params}, image, method=model.encode_image)
 
     def decode(*args):
@@ -309,14 +347,13 @@ class Predictor:
     """The newest checkpoint of a trained stage of `workdir` (the last of joint, visual, alignment that has one,
     unless `stage` names it). The stage's config comes from `WORKDIR/<stage>/config.json`, which the trainer
     writes, or from `config` (the ConfigDict it was trained with)."""
-    from omniris_jax import train  # pylint: disable=g-import-not-at-top
+    from omniris_jax import checkpointing, train  # pylint: disable=g-import-not-at-top
     from omniris_jax.models import factory  # pylint: disable=g-import-not-at-top
     if not os.path.isdir(workdir):
       raise FileNotFoundError(f"--workdir {workdir!r} does not exist; train a model first (`make demo` writes "
                               "workdir/demo).")
-    stage = stage or _latest_stage(workdir)
+    stage = stage or checkpointing.latest_stage(workdir)
     checkpoint_dir = os.path.join(workdir, stage, "checkpoints")
-    from omniris_jax import checkpointing  # pylint: disable=g-import-not-at-top
     if checkpointing.latest_step_directory(checkpoint_dir) is None:
       raise FileNotFoundError(f"{checkpoint_dir!r} holds no checkpoint; train stage {stage!r} first.")
     config = load_stage_config(os.path.join(workdir, stage)) if config is None else copy.deepcopy(config)
@@ -325,7 +362,7 @@ class Predictor:
     trained = train.load_trained_stage(config, workdir, stage, log=lambda *args, **kwargs: None)
     return cls(trained.model, trained.params, resolution=config.input.resolution,
                max_text_len=config.input.max_text_len, vocab_path=factory.text_encoder_vocab(config),
-               mesh=trained.mesh, rules=trained.rules)
+               keep_sep=config.input.get("keep_sep", True), mesh=trained.mesh, rules=trained.rules)
 
   def set_image(self, image: ImageLike) -> None:
     """Encodes the target image (any size and mode); later `predict` calls answer prompts about it."""
@@ -358,15 +395,21 @@ class Predictor:
     visual = (ref_images, ref_prompts) if has_visual.any() else (None, None)
     with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
       outputs = self._decode(self.params, self._features, *text, *visual, has_text, has_visual)
-    mask_logits, nt_logits = jax.device_get((outputs["mask_logits"], outputs["nt_logits"]))
-    return to_prediction(mask_logits[:len(prompts)], nt_logits[:len(prompts)], self._image_size,
-                         return_logits=return_logits)
+    outputs = jax.device_get(outputs)
+    count = len(prompts)
+    return to_prediction(outputs["mask_logits"][:count], outputs["nt_logits"][:count], self._image_size,
+                         return_logits=return_logits,
+                         parts=union_parts(outputs, has_text, has_visual, count) if self.union else ())
 
   def decode_fn(self, params, features, text_ids, text_mask, ref_image, ref_prompt, has_text, has_visual):
-    """The prompt half, unjitted: encode the prompts and decode them against `features` (export traces it)."""
+    """The prompt half, unjitted: encode the prompts and decode them against `features` (export traces it). With
+    early fusion, `features` holds the resized image and this runs the whole model."""
     model = self.model
 
     def decode(module, features):
+      if self.early_fusion:
+        image = jnp.broadcast_to(features["image"], (has_text.shape[0], *features["image"].shape[1:]))
+        return module(image, text_ids, text_mask, ref_image, ref_prompt, has_text, has_visual)
       encoded = module.encode_prompts(text_ids, text_mask, ref_image, ref_prompt)
       return module.decode(features, **encoded, has_text=has_text, has_visual=has_visual)
 
@@ -398,18 +441,6 @@ def _prompts_from_keywords(text, ref_image, ref_mask, ref_box, ref_scribble) -> 
   count = next(iter(counts.values()))
   return [Prompt(**{name: listed[name][i] if name in listed else fields[name] for name in fields})
           for i in range(count)]
-
-
-def _latest_stage(workdir: str) -> str:
-  """The stage a trained workdir ends with: the last of joint, visual, alignment that has a checkpoint."""
-  from omniris_jax import checkpointing  # pylint: disable=g-import-not-at-top
-  candidates = ["joint", "visual", "alignment"] + sorted(
-      name for name in os.listdir(workdir) if name not in ("joint", "visual", "alignment"))
-  for name in candidates:
-    if checkpointing.latest_step_directory(os.path.join(workdir, name, "checkpoints")) is not None:
-      return name
-  raise FileNotFoundError(f"{workdir!r} holds no trained stage (no <stage>/checkpoints with a checkpoint); train "
-                          "one first, e.g. `make demo`.")
 
 
 def load_stage_config(stage_dir: str) -> Any:

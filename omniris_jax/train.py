@@ -318,8 +318,7 @@ def _initial_state(config: Any, workdir: str, model: nn.Module, tx: Any, state_s
   fresh = lambda: jax.jit(lambda rng: nn.unbox(init_params(model, config, rng)),  # noqa: E731
                           out_shardings=state_shardings.params)(rng)
   if config.init_from:
-    init_dir = config.init_from if os.path.isabs(config.init_from) else os.path.join(
-        workdir, config.init_from, "checkpoints")
+    init_dir = checkpointing.init_directory(config.init_from, workdir)
     params = checkpointing.load_params_from(init_dir, abstract_state.params, fresh, log=log)
   else:
     params = fresh()

@@ -2,14 +2,24 @@
 
 from __future__ import annotations
 
+import dataclasses
+import re
+
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
 import pytest
+from flax import linen as nn
 
 from omniris_jax import optim
+from omniris_jax.models.bert import BertConfig
+from omniris_jax.models.mask_decoder import MaskDecoderConfig
+from omniris_jax.models.omnisegnet import OmniSegNet, OmniSegNetConfig
+
+from configs import joint, visual  # noqa: E402  (configs/ is importable from the repo root, where pytest runs)
+from test_omnisegnet import _batch  # noqa: E402  (tests/ is on sys.path under pytest)
 
 # Paths as the model names them (see models/omnisegnet.py), one of each kind the rules must tell apart.
 PATHS = {
@@ -43,7 +53,8 @@ def _leaf(tree, path):
 
 def _config(**overrides):
   c = ml_collections.ConfigDict(dict(
-      learning_rate=0.1, warmup_steps=2, power=1.0, end_learning_rate=0.0, b1=0.9, b2=0.999, eps=1e-8,
+      learning_rate=0.1, warmup_steps=2, lr_schedule="poly", power=1.0, end_learning_rate=0.0, boundaries=(),
+      factor=0.1, b1=0.9, b2=0.999, eps=1e-8,
       weight_decay=0.05, no_decay=optim.DEFAULT_NO_DECAY, grad_clip_norm=None, schedule=((".*", "default"),)))
   c.update(overrides)
   return c
@@ -178,3 +189,122 @@ def test_a_resumed_state_follows_the_configured_stage_length():
   resumed = optim.with_total_steps(state_short, 40)
   jax.tree.map(np.testing.assert_array_equal, long.update(grads, resumed, params)[0],
                long.update(grads, state_long, params)[0])
+
+
+def test_multistep_schedule_drops_by_the_factor_from_each_boundary_on():
+  """detectron2's WarmupMultiStepLR as the release runs it: the rate at update i is lr * 0.1 ** (boundaries <= i)."""
+  schedule = optim.learning_rate_schedule("multistep", learning_rate=1e-5, total_steps=40_000, warmup_steps=0,
+                                          boundaries=(26_320, 33_840), factor=0.1)
+  steps = (0, 1, 26_319, 26_320, 26_321, 33_839, 33_840, 39_999)
+  assert [float(schedule(s)) for s in steps] == pytest.approx([1e-5] * 3 + [1e-6] * 3 + [1e-7] * 2, rel=1e-6)
+  warm = optim.learning_rate_schedule("multistep", learning_rate=1.0, total_steps=10, warmup_steps=4,
+                                      boundaries=(6,), factor=0.5)
+  assert [float(warm(s)) for s in range(8)] == pytest.approx([0.0, 0.25, 0.5, 0.75, 1.0, 1.0, 0.5, 0.5])
+
+
+def test_the_multistep_optimiser_steps_by_its_schedule():
+  params = _params()
+  tx, schedule = optim.make_optimizer(_config(lr_schedule="multistep", learning_rate=1.0, warmup_steps=0,
+                                              boundaries=(2, 4), weight_decay=0.0), total_steps=6)
+  grads, state = jax.tree.map(jnp.ones_like, params), tx.init(params)
+  steps = []
+  for _ in range(6):
+    updates, state = tx.update(grads, state, params)
+    steps.append(-float(_leaf(updates, ("pixel_encoder", "output_conv", "kernel"))[0, 0]))
+  # Adam's step on a constant gradient is the learning rate.
+  assert steps == pytest.approx([1.0, 1.0, 0.1, 0.1, 0.01, 0.01], rel=1e-4)
+  assert [float(schedule(s)) for s in range(6)] == pytest.approx(steps, rel=1e-4)
+
+
+@pytest.fixture(scope="module")
+def release_params():
+  """The tiny OmniSegNet's parameters (all ones) with BERT-base's 12 layers and the release's gated decoder."""
+  config = OmniSegNetConfig.tiny_test(
+      bert=dataclasses.replace(BertConfig.tiny_test(), num_layers=12),
+      mask_decoder=dataclasses.replace(MaskDecoderConfig.tiny_test(), prompt_cross_attention="first"))
+  shapes = nn.unbox(jax.eval_shape(OmniSegNet(config).init, jax.random.key(0), **_batch())["params"])
+  return jax.tree.map(lambda x: jnp.ones(x.shape, x.dtype), shapes)
+
+
+def _by_path(tree):
+  return {optim.path_string(path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def _bert_layer_trains(path):
+  """The release's rule: BERT layers 0-9 train (on BERT-base: all but the last two); embeddings never."""
+  layer = re.match(r"text_encoder/layer_(\d+)/", path)
+  return bool(layer) and int(layer.group(1)) < 10
+
+
+def test_release_variant_sets_the_released_recipe():
+  c = joint.get_config("release")
+  assert (c.model.preset, c.optimizer.learning_rate, c.optimizer.lr_schedule, tuple(c.optimizer.boundaries),
+          c.optimizer.factor, c.optimizer.warmup_steps, c.optimizer.grad_clip_norm, c.optimizer.weight_decay,
+          tuple(c.input.prompt_types), c.input.batch_size) == (
+              "release", 1e-5, "multistep", (26_320, 33_840), 0.1, 0, 0.01, 0.05, ("mask",), 64)
+  assert not c.get("run_before")  # one stage per command, as the paper recipe
+
+
+def test_release_trains_bert_layers_0_to_9_only_and_holds_no_state_for_the_rest(release_params):
+  params = release_params
+  assert {"text_encoder/layer_9/output/kernel", "text_encoder/layer_11/output/kernel"} <= set(_by_path(params))
+  config = joint.get_config("release").optimizer
+  tx, _ = optim.make_optimizer(config, total_steps=10)
+  state = tx.init(params)
+  updates, state = tx.update(jax.tree.map(jnp.ones_like, params), state, params)
+  trains = {path: not path.startswith("text_encoder/") or _bert_layer_trains(path) for path in _by_path(params)}
+  assert {path: bool(jnp.any(u != 0)) for path, u in _by_path(updates).items()} == trains
+  trainable = sum(x.size for path, x in _by_path(params).items() if trains[path] and x.ndim)
+  # Adam's mu and nu of the trained parameters, nothing else (scalars left out: the counters, the gates).
+  assert sum(x.size for x in jax.tree.leaves(state) if x.ndim) == 2 * trainable
+  # Stage 2 keeps the paper's rule: all of BERT frozen.
+  frozen = _by_path(optim.frozen_mask(params, visual.get_config("release").optimizer.schedule))
+  assert frozen == {path: path.startswith("text_encoder/") for path in frozen}
+
+
+# Release parameters and whether build_optimizer decays them (weight decay 0.05 unless 0.0).
+RELEASE_DECAY = {
+    "image_encoder/stage0/block0/layernorm_before/scale": False,  # nn.LayerNorm
+    "image_encoder/stage0/block0/relative_position_bias_table": False,
+    "image_encoder/stage0/block0/mlp/fc1/bias": True,  # biases decay
+    "image_encoder/stage0/block0/mlp/fc1/kernel": True,
+    "pixel_encoder/input_norm_0/scale": False,  # nn.GroupNorm
+    "pixel_encoder/encoder_layer_0/norm1/bias": False,
+    "pixel_encoder/level_embed": True,  # a plain nn.Parameter
+    "mask_decoder/query_features": False,  # nn.Embedding query_feat
+    "mask_decoder/query_positions": False,  # nn.Embedding query_embed
+    "mask_decoder/level_embed": False,  # nn.Embedding
+    "mask_decoder/blocks_0/prompt_gate": True,  # lang_weight, a plain nn.Parameter
+    "mask_decoder/heads/decoder_norm/scale": False,
+    "prompt_encoder/query_embed": False,  # vis_prompts, nn.Embedding
+    "prompt_encoder/query_pos": False,  # vis_prompts_pos, nn.Embedding
+    "prompt_encoder/prompt_downscaler/norm_0/scale": True,  # LayerNorm2d is no torch norm module
+    "prompt_encoder/prompt_norm/bias": False,  # lang_in_norm
+    "text_projection/norm/scale": False,  # lang_norm
+    "text_encoder/layer_0/attention_norm/scale": True,  # BERT layers 0-9: one group with the default decay
+    "text_encoder/layer_9/output/bias": True,
+}
+
+
+def test_release_decays_what_build_optimizer_decays(release_params):
+  config = joint.get_config("release").optimizer
+  mask = _by_path(optim.decay_mask(release_params, config.no_decay))
+  assert {path: bool(mask[path]) for path in RELEASE_DECAY} == RELEASE_DECAY
+  # With zero gradients only weight decay moves a parameter: the decayed trainable ones, nothing else.
+  tx, _ = optim.make_optimizer(config, total_steps=10)
+  updates, _ = tx.update(jax.tree.map(jnp.zeros_like, release_params), tx.init(release_params), release_params)
+  moved = {path: bool(jnp.any(u != 0)) for path, u in _by_path(updates).items()}
+  assert moved == {path: bool(mask[path]) and (not path.startswith("text_encoder/") or _bert_layer_trains(path))
+                   for path in moved}
+
+
+def test_release_clips_the_trainable_gradients_to_global_norm_0_01(release_params):
+  config = joint.get_config("release").optimizer
+  tx, _ = optim.make_optimizer(config, total_steps=10)
+  grads = jax.tree.map(lambda x: 1e3 * jnp.ones_like(x), release_params)
+  _, state = tx.update(grads, tx.init(release_params), release_params)
+  is_adam = lambda node: isinstance(node, optax.ScaleByAdamState)  # noqa: E731
+  (adam,) = [node for node in jax.tree.leaves(state, is_leaf=is_adam) if is_adam(node)]
+  # After one step Adam's first moment is (1 - b1) * the clipped gradient, whose global norm is the clip value:
+  # computed over the trained gradients only (frozen BERT's would shrink it).
+  assert float(optax.global_norm(adam.mu)) == pytest.approx((1 - config.b1) * 0.01, rel=1e-4)

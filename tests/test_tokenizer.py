@@ -39,6 +39,17 @@ def test_keeps_cls_and_sep_when_truncating_to_20(tokenizer):
   assert ids[1:-1].tolist() == word_piece_ids[:18]
 
 
+def test_release_cut_keeps_the_first_20_ids_and_drops_sep(tokenizer):
+  """keep_sep=False: the release's loaders cut `encode(text, add_special_tokens=True)` at 20 ids."""
+  release = Tokenizer(keep_sep=False)
+  full = tokenizer.hf_tokenizer(LONG_TEXT)["input_ids"]
+  ids, mask = release.encode(LONG_TEXT, 20)
+  assert len(full) > 20 and ids.tolist() == full[:20] and ids[-1] != release.sep_id and mask.all()
+  short_ids, short_mask = release.encode("giraffe on the far right", 20)
+  np.testing.assert_array_equal(short_ids, tokenizer.encode("giraffe on the far right", 20)[0])
+  assert short_ids[short_mask.sum() - 1] == release.sep_id and (short_ids[short_mask == 0] == 0).all()
+
+
 def test_pads_short_text_with_pad_zero_and_mask_zero(tokenizer):
   ids, mask = tokenizer.encode("the dog", max_length=20)
   assert ids[:4].tolist() == [101, 1996, 3899, 102]

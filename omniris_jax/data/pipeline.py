@@ -116,7 +116,7 @@ def _padded_to_full_batches(records: grain.MapDataset, first_record: grain.MapDa
 
 def _transformed(records: grain.MapDataset, *, resolution: int, max_text_len: int,
                  prompt_types: Sequence[str] | None, regenerate_prompts: bool,
-                 vocab_path: str | None) -> grain.MapDataset:
+                 vocab_path: str | None, keep_sep: bool) -> grain.MapDataset:
   """Records -> examples of the batch contract (without the batch dimension)."""
   dataset = records.map(transforms.DecodeAndValidate())
   if prompt_types is None:
@@ -124,7 +124,7 @@ def _transformed(records: grain.MapDataset, *, resolution: int, max_text_len: in
   else:
     dataset = dataset.random_map(transforms.SampleSpatialPrompt(prompt_types, regenerate=regenerate_prompts))
   return (dataset.map(transforms.ResizeToResolution(resolution))
-          .map(transforms.Tokenize(max_text_len, vocab_path))
+          .map(transforms.Tokenize(max_text_len, vocab_path, keep_sep))
           .map(transforms.AssembleContract()))
 
 
@@ -165,6 +165,7 @@ def make_dataset(
     drop_remainder: bool = True,
     pad_to_full_batches: bool = False,
     vocab_path: str | None = None,
+    keep_sep: bool = True,
     read_threads: int = 2,
     prefetch_batches: int = 4,
 ) -> grain.IterDataset:
@@ -193,6 +194,7 @@ def make_dataset(
       record 0 with `index = -1`) so that all processes yield the same number of full batches; for multi-host
       evaluation, where a partial or missing batch on one process would stall the others.
     vocab_path: the tokenizer's vocab.txt; None uses the pretrained MiniLM vocabulary.
+    keep_sep: a cut text keeps [SEP] last (False: cut as the release does; see `Tokenizer`).
     read_threads: threads per process that produce batches ahead of `next()`, so input work overlaps the jitted
       step (which releases the GIL); 0 produces each batch inside `next()`.
     prefetch_batches: batches buffered ahead, per thread pool and per worker.
@@ -213,7 +215,7 @@ def make_dataset(
     records = _padded_to_full_batches(records, first_record, num_records=len(source) * num_epochs,
                                       process_count=process_count, batch_size=batch_size)
   examples = _transformed(records, resolution=resolution, max_text_len=max_text_len, prompt_types=prompt_types,
-                          regenerate_prompts=regenerate_prompts, vocab_path=vocab_path)
+                          regenerate_prompts=regenerate_prompts, vocab_path=vocab_path, keep_sep=keep_sep)
   return _batched_iterable(examples, batch_size=batch_size, drop_remainder=drop_remainder,
                            worker_count=worker_count, read_threads=read_threads, prefetch_batches=prefetch_batches)
 
@@ -237,6 +239,7 @@ def make_mixed_dataset(
     worker_count: int = 0,
     drop_remainder: bool = True,
     vocab_path: str | None = None,
+    keep_sep: bool = True,
     read_threads: int = 2,
     prefetch_batches: int = 4,
 ) -> grain.IterDataset:
@@ -277,7 +280,7 @@ def make_mixed_dataset(
   visual_records = _records(visual_source, seed=seed + 1_000_003, name="visual_source", **common)
   streaming = dict(worker_count=worker_count, read_threads=read_threads, prefetch_batches=prefetch_batches)
   transforms_args = dict(resolution=resolution, max_text_len=max_text_len, prompt_types=prompt_types,
-                         regenerate_prompts=regenerate_prompts, vocab_path=vocab_path)
+                         regenerate_prompts=regenerate_prompts, vocab_path=vocab_path, keep_sep=keep_sep)
   if mix_unit == "batch":
     text_batches, visual_batches = (
         _transformed(records, **transforms_args).batch(batch_size, drop_remainder=drop_remainder)

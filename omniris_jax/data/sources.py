@@ -73,7 +73,7 @@ def make_train_iterator(config: Any, local_batch: int) -> Any:
                 seed=config.seed, prompt_types=tuple(config.input.prompt_types),
                 regenerate_prompts=config.input.regenerate_prompts, process_index=jax.process_index(),
                 process_count=jax.process_count(), worker_count=config.input.worker_count,
-                vocab_path=factory.text_encoder_vocab(config))
+                vocab_path=factory.text_encoder_vocab(config), keep_sep=config.input.get("keep_sep", True))
   if config.train_data == "mixed":
     dataset = pipeline.make_mixed_dataset(open_training_source(config.dataset.text_source),
                                           open_training_source(config.dataset.visual_source),

@@ -36,9 +36,11 @@ class Tokenizer:
   Attributes:
     vocab_path: the `vocab.txt`, one WordPiece token per line, the line number being its id.
     do_lower_case: lower-case and strip accents first (True for uncased vocabularies such as MiniLM's).
+    keep_sep: a text longer than the length keeps [SEP] as its last token (True), or its ids are cut as they
+      are, which drops [SEP] (False: what the release's loaders do).
   """
 
-  def __init__(self, vocab_path: PathLike | None = None, *, do_lower_case: bool = True):
+  def __init__(self, vocab_path: PathLike | None = None, *, do_lower_case: bool = True, keep_sep: bool = True):
     vocab_path = pathlib.Path(vocab_path) if vocab_path is not None else _default_vocab_path()
     if vocab_path.is_dir():
       vocab_path = vocab_path / "vocab.txt"
@@ -47,6 +49,7 @@ class Tokenizer:
                               "the folder of an HF BERT checkpoint that holds one)")
     self.vocab_path = vocab_path
     self.do_lower_case = do_lower_case
+    self.keep_sep = keep_sep
     self._hf_tokenizer = None
 
   def __getstate__(self) -> dict[str, Any]:
@@ -58,7 +61,8 @@ class Tokenizer:
     self.__dict__.update(state)
 
   def __repr__(self) -> str:
-    return f"Tokenizer(vocab_path={str(self.vocab_path)!r}, do_lower_case={self.do_lower_case})"
+    return (f"Tokenizer(vocab_path={str(self.vocab_path)!r}, do_lower_case={self.do_lower_case}, "
+            f"keep_sep={self.keep_sep})")
 
   @property
   def hf_tokenizer(self):
@@ -106,7 +110,8 @@ class Tokenizer:
   def encode(self, text: str, max_length: int = 20) -> tuple[np.ndarray, np.ndarray]:
     """Tokenises one referring expression to exactly `max_length` positions.
 
-    Long texts are cut so that [CLS] stays first and [SEP] last; short ones are padded with [PAD] and mask 0.
+    Long texts are cut so that [CLS] stays first and [SEP] last (with `keep_sep=False`: cut after `max_length`
+    ids, [SEP] dropped); short ones are padded with [PAD] and mask 0.
 
     Args:
       text: a non-empty referring expression. When a sample has no text prompt, the pipeline does not call this.
@@ -126,8 +131,14 @@ class Tokenizer:
     if not text.strip():
       raise ValueError(f"Tokenizer.encode: text={text!r} is empty; a text prompt needs at least one word (for a "
                        "sample without a text prompt, do not call encode)")
-    encoded = self.hf_tokenizer(text, max_length=max_length, truncation=True, padding="max_length",
-                                return_attention_mask=True, return_token_type_ids=False)
+    if self.keep_sep:
+      encoded = self.hf_tokenizer(text, max_length=max_length, truncation=True, padding="max_length",
+                                  return_attention_mask=True, return_token_type_ids=False)
+    else:  # the release: encode everything, keep the first max_length ids, pad with 0
+      full = self.hf_tokenizer(text, return_attention_mask=False, return_token_type_ids=False)["input_ids"]
+      cut = list(full[:max_length])
+      encoded = {"input_ids": cut + [self.pad_id] * (max_length - len(cut)),
+                 "attention_mask": [1] * len(cut) + [0] * (max_length - len(cut))}
     ids = np.asarray(encoded["input_ids"], dtype=np.int32)
     mask = np.asarray(encoded["attention_mask"], dtype=np.int32)
     if ids.shape != (max_length,):  # Guards the HF call's contract, which changed between major versions.

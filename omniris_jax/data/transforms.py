@@ -347,9 +347,9 @@ class Tokenize(grain.transforms.Map):
   The tokenizer pickles as its vocabulary path and is rebuilt lazily in each worker process.
   """
 
-  def __init__(self, max_text_len: int = 20, vocab_path: str | None = None):
+  def __init__(self, max_text_len: int = 20, vocab_path: str | None = None, keep_sep: bool = True):
     self.max_text_len = max_text_len
-    self.tokenizer = tokenizer_lib.Tokenizer(vocab_path)
+    self.tokenizer = tokenizer_lib.Tokenizer(vocab_path, keep_sep=keep_sep)
 
   def map(self, element: Example) -> Example:
     example = dict(element)

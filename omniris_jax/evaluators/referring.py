@@ -64,7 +64,8 @@ class Evaluator:
         self.sources[split], resolution=self.config.input.resolution, batch_size=self.local_batch,
         max_text_len=self.config.input.max_text_len, seed=self.config.seed, shuffle=False, num_epochs=1,
         prompt_types=None, process_index=jax.process_index(), process_count=jax.process_count(),
-        pad_to_full_batches=True, vocab_path=factory.text_encoder_vocab(self.config))
+        pad_to_full_batches=True, vocab_path=factory.text_encoder_vocab(self.config),
+        keep_sep=self.config.input.get("keep_sep", True))
     yield from dataset
 
   def _host(self, tree: Any) -> Any:

@@ -1,6 +1,6 @@
 """The model of a trainer config: `config.model.name` names a module under `omniris_jax.models`.
 
-A model module holds `Config` (a frozen dataclass with the presets `tiny_test`, `demo`, `paper`) and `Model` (a
+A model module holds `Config` (a frozen dataclass with the presets `tiny_test`, `demo`, `paper`, `release`) and `Model` (a
 Flax module built from it); it may hold `compute_losses(outputs, batch, loss_config)` for terms of its own
 (`losses.compute_losses` otherwise). 'omnisegnet' is the paper's and the release's model; projects add theirs
 under `models/proj/<project>/` (e.g. 'proj.shapes.omnisegnet', the synthetic demo's).
@@ -39,7 +39,7 @@ def model_config(config: Any) -> Any:
   preset = getattr(config_class, config.model.preset, None)
   if preset is None:
     raise ValueError(f"config.model.preset={config.model.preset!r} is not a {config_class.__name__} preset "
-                     "(tiny_test, demo, paper).")
+                     "(tiny_test, demo, paper, release).")
   base = preset(max_text_len=config.input.max_text_len)
   changes = {}
   for name, value in dict(config.model.get("overrides", {})).items():

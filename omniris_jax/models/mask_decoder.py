@@ -7,10 +7,15 @@ The paper (Appendix A.2) stacks nine decoder blocks in three groups, one group p
 
 over a learnable set of q x q "region" queries (ReLA's 10 x 10 minimap). The released code is ReLA's decoder,
 which attends to the prompt only in block 0, through a zero-initialised projection behind a sigmoid gate;
-`MaskDecoderConfig.prompt_cross_attention` selects between the two ('all' = paper, 'first' = release).
+`MaskDecoderConfig.prompt_cross_attention` selects between the two ('all' = paper, 'first' = release). The
+release's block-0 prompt attention is exactly
 
-Padded prompt tokens (`prompt_mask` False) are never attended, in both variants (ReLA's language attention
-attends to padding too; we do not, so an absent prompt can be blanked out exactly).
+  queries += prompt_gate_scale * sigmoid(gate) * LayerNorm(queries + MHA(queries, W_p prompt, W_p prompt))
+
+with no query positions and W_p (no bias) starting at zero, so the block starts prompt-blind and learns to listen.
+
+Padded prompt tokens (`prompt_mask` False) are not attended unless `attend_to_padded_prompt` (the release drops
+the text mask before its decoder, so it attends to the padded positions of BERT's output too).
 
 Masked attention (Mask2Former/ReLA): block i's pixel cross-attention only sees the pixels that the previous
 prediction's per-query masks call foreground; a query whose mask is empty falls back to full attention.
@@ -61,11 +66,14 @@ class MaskDecoderConfig:
     num_feature_levels: how many pixel-encoder scales the blocks cycle over (strides 32, 16, 8).
     mask_dim: width of the mask embeddings; must equal the width of `mask_features`.
     prompt_cross_attention: 'all' (paper: every block attends to the prompt tokens) or 'first' (release/ReLA:
-      block 0 only, through a zero-initialised projection scaled by sigmoid(gate) * prompt_gate_scale).
+      block 0 only, the gated residual of the module docstring).
     prompt_gate_scale: the fixed factor of the 'first' variant's gated prompt attention (ReLA's rla_weight).
     masked_attention: restrict each block's pixel cross-attention to the previous prediction's foreground.
     region_weighting: 'probabilities' (softmax of the region logits weights the per-query masks) or 'logits'
       (the raw region logits do, as in ReLA's code).
+    attend_to_padded_prompt: let the prompt cross-attention see tokens whose `prompt_mask` is False (release).
+    positions_at_pixel_centres: the pixel memories' sine positions at pixel centres, (i + 0.5) / n * 2 pi (ours),
+      or Mask2Former's (i + 1) / (n + 1e-6) * 2 pi (release).
     dropout_rate: dropout after every attention / FFN (0 in ReLA).
     layer_norm_eps: epsilon of every LayerNorm.
   """
@@ -81,6 +89,8 @@ class MaskDecoderConfig:
   prompt_gate_scale: float = 0.1
   masked_attention: bool = True
   region_weighting: str = "probabilities"
+  attend_to_padded_prompt: bool = False
+  positions_at_pixel_centres: bool = True
   dropout_rate: float = 0.0
   layer_norm_eps: float = 1e-5
 
@@ -110,8 +120,10 @@ class MaskDecoderConfig:
 
   @classmethod
   def release(cls) -> MaskDecoderConfig:
-    """The released code's (ReLA's) decoder: prompt attention only in block 0, raw-logit region weighting."""
-    return cls(prompt_cross_attention="first", region_weighting="logits")
+    """The released code's (ReLA's) decoder: gated prompt attention in block 0 only, over every token (padding
+    included), raw-logit region weighting, Mask2Former's sine positions."""
+    return cls(prompt_cross_attention="first", region_weighting="logits", attend_to_padded_prompt=True,
+               positions_at_pixel_centres=False)
 
   @classmethod
   def demo(cls) -> MaskDecoderConfig:
@@ -165,18 +177,20 @@ class MaskDecoderBlock(nn.Module):
         queries + query_pos, pixels + pixel_pos, inputs_v=pixels, bias=pixel_bias, deterministic=deterministic)
     queries = residual(queries, update, "pixel_cross_attention_norm")
 
+    key_mask = None if cfg.attend_to_padded_prompt else prompt_mask
     if self.attend_to_prompt and self.gated_prompt:
-      # ReLA's language attention: zero-initialised projection => the block starts prompt-blind and learns to
-      # listen; sigmoid(gate) starts at 0.5. The projection has no bias so a zero kernel means zero tokens.
+      # The release's language attention (module docstring): no positions, a post-norm residual of its own, scaled
+      # into the queries by a fixed factor and a learnt sigmoid gate (0.5 at init).
       projected = layers.Dense(cfg.hidden_dim, ("embed", "mlp"), use_bias=False,
                                kernel_init=nn.initializers.zeros_init(), name="prompt_projection")(prompt_tokens)
-      update = attention(name="prompt_cross_attention")(
-          queries + query_pos, projected, key_padding_mask=prompt_mask, deterministic=deterministic)
+      update = attention(name="prompt_cross_attention")(queries, projected, key_padding_mask=key_mask,
+                                                        deterministic=deterministic)
+      attended = residual(queries, update, "prompt_cross_attention_norm")
       gate = self.param("prompt_gate", nn.with_logical_partitioning(nn.initializers.zeros_init(), ()), ())
-      queries = queries + cfg.prompt_gate_scale * jax.nn.sigmoid(gate) * update
+      queries = queries + cfg.prompt_gate_scale * jax.nn.sigmoid(gate) * attended
     elif self.attend_to_prompt:
       update = attention(name="prompt_cross_attention")(
-          queries + query_pos, prompt_tokens, key_padding_mask=prompt_mask, deterministic=deterministic)
+          queries + query_pos, prompt_tokens, key_padding_mask=key_mask, deterministic=deterministic)
       queries = residual(queries, update, "prompt_cross_attention_norm")
 
     update = attention(name="self_attention")(
@@ -264,7 +278,8 @@ class MaskDecoder(nn.Module):
         feature = layers.Dense(cfg.hidden_dim, ("embed", "mlp"), kernel_init=nn.initializers.xavier_uniform(),
                                name=f"input_projection_{level}")(feature)
       pixels.append(feature.reshape(batch, h * w, cfg.hidden_dim) + level_embed[level])
-      pixel_pos.append(jnp.asarray(layers.sine_position_encoding(h, w, cfg.hidden_dim, pixel_centres=True))
+      pixel_pos.append(jnp.asarray(layers.sine_position_encoding(
+          h, w, cfg.hidden_dim, pixel_centres=cfg.positions_at_pixel_centres))
                        .reshape(1, h * w, cfg.hidden_dim))
       sizes.append((h, w))
 

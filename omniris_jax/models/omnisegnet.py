@@ -17,10 +17,12 @@ target image is encoded once (`encode_image`) and any number of prompts are deco
 full forward `__call__` is encode_image + encode_text + encode_visual + decode (equal up to float rounding: when
 target and reference have one shape, `__call__` runs them through the image encoder as one batch). 
 
-Early fusion (`early_fusion=True`, ReLA/the release): the prompt tokens are also fused into every Swin stage by
-LAVT's pixel-word attention module (PWAM, `stage{s}/pwam/` under image_encoder/) behind a tanh gate that starts
-closed. The target's features then depend on the prompt: `__call__` encodes the target once per prompt set
-(text, visual, joint) and `encode_image` / `decode` refuse. The reference image is encoded without fusion.
+Early fusion (`early_fusion=True`, the release, after LAVT): the prompt tokens are also fused into every Swin
+stage by LAVT's pixel-word attention module (PWAM, `stage{s}/pwam/` under image_encoder/). The stage's output
+(its res feature) is the PWAM product itself; the next stage gets `x + gate * product`, with a tanh gate that
+starts closed (`stage{s}/gate/`, none on the last stage). The target's features then depend on the prompt:
+`__call__` encodes the target once per prompt set (text, visual, joint) and `encode_image` / `decode` refuse.
+The reference image is encoded without fusion.
 
 Omni fusion (`omni_fusion`), when an example has both a text and a visual prompt:
   'union' (the release): each prompt is decoded on its own (the prompt sets are stacked along the batch into one
@@ -161,6 +163,16 @@ class OmniSegNetConfig:
                   prompt_encoder=PromptEncoderConfig.paper(), mask_decoder=MaskDecoderConfig.paper())
     return cls(**{**fields, **overrides})
 
+  @classmethod
+  def release(cls, **overrides: Any) -> OmniSegNetConfig:
+    """What the authors' released code computes (and their published checkpoint holds): the paper's sizes with
+    PWAM early fusion in every Swin stage, the release's prompt encoder and decoder, per-prompt decoding with
+    the masks OR-ed. Row by row: docs/paper_vs_release.md."""
+    fields = dict(swin=SwinConfig.swin_b(), bert=BertConfig.bert_base(), pixel_encoder=PixelEncoderConfig.paper(),
+                  prompt_encoder=PromptEncoderConfig.release(), mask_decoder=MaskDecoderConfig.release(),
+                  early_fusion=True, omni_fusion="union")
+    return cls(**{**fields, **overrides})
+
 
 class TextProjection(nn.Module):
   """BERT hidden states -> text prompt tokens: LayerNorm (the release's lang_norm), then Dense if widths differ."""
@@ -176,12 +188,11 @@ class TextProjection(nn.Module):
 
 
 class PixelWordAttention(nn.Module):
-  """LAVT's pixel-word attention module (PWAM) with a tanh gate that starts closed.
+  """LAVT's pixel-word attention module (PWAM): (B, H, W, C) pixels and prompt tokens -> their fusion product.
 
-  Every pixel of a Swin stage attends to the prompt tokens (one head; queries and outputs instance-normalised
-  over the pixels, as in LAVT), the result is multiplied elementwise with a projection of the pixel itself and
-  projected again; a gate tanh(W2 relu(W1 m)) scales the update added to the stage's features. W2 starts at
-  zero, so a freshly initialised fused Swin equals the plain Swin (pretrained weights keep their meaning).
+  Every pixel attends to the prompt tokens (one head; queries and outputs instance-normalised over the pixels,
+  as in LAVT); the result is multiplied elementwise with a projection of the pixel itself and projected again.
+  Padded tokens get LAVT's additive -10^4 and zero keys/values.
   """
 
   dropout_rate: float = 0.0
@@ -191,8 +202,8 @@ class PixelWordAttention(nn.Module):
     """x (B, H, W, C), prompt_tokens (B, L, D), prompt_mask (B, L) -> (B, H, W, C)."""
     channels = x.shape[-1]
 
-    def dense(features, name, axes=("embed", "mlp"), **kwargs):
-      return layers.Dense(features, axes, name=name, **kwargs)
+    def dense(features, name):
+      return layers.Dense(features, ("embed", "mlp"), name=name)
 
     def instance_norm(y):  # over the pixels, per channel, no affine (torch InstanceNorm1d defaults)
       mean = y.mean(axis=(1, 2), keepdims=True)
@@ -205,19 +216,30 @@ class PixelWordAttention(nn.Module):
     key = dense(channels, "key")(prompt_tokens) * valid[..., None]
     value = dense(channels, "value")(prompt_tokens) * valid[..., None]
     logits = jnp.einsum("bhwc,blc->bhwl", query, key).astype(jnp.float32) / np.sqrt(channels)
-    logits = jnp.where(valid[:, None, None, :], logits, -1e4)  # LAVT's additive -10^4 on padded words
+    logits = logits - 1e4 * (1.0 - valid[:, None, None, :])
     attended = jnp.einsum("bhwl,blc->bhwc", jax.nn.softmax(logits, axis=-1).astype(value.dtype), value)
     attended = instance_norm(dense(channels, "output")(attended))
-    fused = pixels * attended
-    fused = dropout(layers.gelu(dense(channels, "fused_projection")(fused)), deterministic=deterministic)
-    gate = nn.relu(dense(channels, "gate_in", use_bias=False)(fused))
-    gate = jnp.tanh(dense(channels, "gate_out", ("mlp", "embed"), use_bias=False,
-                          kernel_init=nn.initializers.zeros_init())(gate))
-    return layers.constrain(x + gate * fused, ("batch", "height", "width", "embed"))
+    fused = dropout(layers.gelu(dense(channels, "fused_projection")(pixels * attended)), deterministic=deterministic)
+    return layers.constrain(fused, ("batch", "height", "width", "embed"))
+
+
+class ResidualGate(nn.Module):
+  """tanh(W2 relu(W1 m)), LAVT's gate on the PWAM product before it joins the residual stream; W1 and W2 start at
+  zero, so a fresh fused Swin passes the plain Swin's stream from stage to stage."""
+
+  @nn.compact
+  def __call__(self, product: Array) -> Array:
+    channels = product.shape[-1]
+    zeros = nn.initializers.zeros_init()
+    hidden = nn.relu(layers.Dense(channels, ("embed", "mlp"), use_bias=False, kernel_init=zeros, name="gate_in")(
+        product))
+    return jnp.tanh(layers.Dense(channels, ("mlp", "embed"), use_bias=False, kernel_init=zeros, name="gate_out")(
+        hidden))
 
 
 class _FusedSwinStage(nn.Module):
-  """`swin.SwinStage` with a PWAM between the blocks and the patch merging (same parameter names + `pwam/`)."""
+  """`swin.SwinStage` with PWAM after the blocks: the stage outputs the PWAM product, patch merging reads
+  `x + gate * product` (same parameter names as `SwinStage` + `pwam/` and, before a merging, `gate/`)."""
 
   config: SwinConfig
   stage: int
@@ -235,17 +257,20 @@ class _FusedSwinStage(nn.Module):
                     shift_size=0 if block % 2 == 0 else config.window_size // 2, mlp_ratio=config.mlp_ratio,
                     drop_path_rate=self.drop_path_rates[block], layer_norm_eps=config.layer_norm_eps, dtype=dtype,
                     name=f"block{block}")(x, deterministic)
+    out = x
     if prompt_tokens is not None:
-      x = PixelWordAttention(name="pwam")(x, prompt_tokens, prompt_mask, deterministic=deterministic)
+      out = PixelWordAttention(name="pwam")(x, prompt_tokens, prompt_mask, deterministic=deterministic)
+      if self.downsample:
+        x = x + ResidualGate(name="gate")(out) * out
     merged = swin.PatchMerging(dtype=dtype, name="patch_merging")(x) if self.downsample else None
-    return x, merged
+    return out, merged
 
 
 class EarlyFusionSwin(swin.Swin):
   """Swin with the prompt fused into every stage by PWAM (LAVT/ReLA/the release's early fusion).
 
-  Same parameter tree as `swin.Swin` plus `stage{s}/pwam/`, so Swin checkpoints load into it; with no prompt
-  (the reference image) it is exactly `swin.Swin`.
+  Same parameter tree as `swin.Swin` plus `stage{s}/pwam/` and `stage{s}/gate/`, so Swin checkpoints load into
+  it; with no prompt (the reference image) it is exactly `swin.Swin`.
   """
 
   @nn.compact

@@ -30,14 +30,16 @@ Choices where the paper is silent, taken from the release unless noted:
     only, and Table 2b's "no fusion" row (62.6 cIoU, not chance) only makes sense if the prompt reaches the
     model through fusion alone; so the default is False (paper), True reproduces the release.
   * Levels are ordered coarse to fine (res5, res4, res3, res2), as in the release.
-  * `level_embed` (L, D), N(0, 1): the release allocates it uninitialised and then hands it (with sine positions)
-    to an argument its deformable cross-attention ignores. Here it is initialised and added to the values, so
-    every sampled vector carries which scale it came from. Sine positions are not added: a prompt token should
-    say what the referent looks like, not where it sat in the reference image.
+  * `level_embed` (L, D), N(0, 1) (`level_embedding`): the release allocates it uninitialised and then hands it
+    (with sine positions) to an argument its deformable cross-attention ignores. Here it is initialised and added
+    to the values, so every sampled vector carries which scale it came from; `level_embedding=False` is the
+    release (no table at all). Sine positions are not added: a prompt token should say what the referent looks
+    like, not where it sat in the reference image (the release computes them and ignores them too).
   * Queries: learned content `query_embed` (n, D) and positional `query_pos` (n, D), N(0, 1) like the release's
-    nn.Embedding; learnable `reference_points` (n, 2) stored as logits (sigmoid keeps them inside the map),
-    initialised at the centres of a rows x cols grid (4 x 5 for n = 20, the release's fixed grid), shared by all
-    levels.
+    nn.Embedding; reference points on the centres of a rows x cols grid (4 x 5 for n = 20, the release's grid),
+    shared by all levels. With `learned_reference_points` (ours) they are parameters `reference_points` (n, 2),
+    stored as logits (sigmoid keeps them inside the map) and initialised on the grid; the release keeps the grid
+    fixed (its `reference_points` and `refpoint_embed` tables are never read).
   * Layers are post-norm (cross-attn, self-attn, FFN each followed by residual + LayerNorm), FFN 2048 wide with
     ReLU and dropout 0 (the release); self-attention takes query + query_pos as queries and keys and the plain
     queries as values (as the release does). A final LayerNorm, then Dense(D -> prompt_dim) +
@@ -96,6 +98,8 @@ class PromptEncoderConfig:
     fusion: how PEM fuses the prompt embedding with the reference features: "add" (paper), "multiply", "none".
     mask_values_outside_prompt: zero the values outside the (resized) prompt before sampling (release: True;
       default False per the paper, see the module docstring).
+    level_embedding: add a learnt level embedding to the reference values (ours; the release adds none).
+    learned_reference_points: learn the queries' reference points (ours) or keep them on the fixed grid (release).
     mask_in_chans: channels of the stride-4 mask downscaler (16, SAM's and the release's).
     group_norm_groups: groups of the input-projection GroupNorms (32); must divide `hidden_dim`.
     implementation: deformable-attention kernel, see `deform_attn.available_implementations()`.
@@ -111,6 +115,8 @@ class PromptEncoderConfig:
   dropout_rate: float = 0.0
   fusion: str = "add"
   mask_values_outside_prompt: bool = False
+  level_embedding: bool = True
+  learned_reference_points: bool = True
   mask_in_chans: int = 16
   group_norm_groups: int = 32
   implementation: str = "xla"
@@ -129,6 +135,11 @@ class PromptEncoderConfig:
   def paper(cls) -> PromptEncoderConfig:
     """OmniSegNet: D=256, 3 layers, 20 queries, output width 768 (BERT-base)."""
     return cls()
+
+  @classmethod
+  def release(cls) -> PromptEncoderConfig:
+    """The released prompt encoder: values outside the prompt zeroed, no level embedding, fixed reference grid."""
+    return cls(mask_values_outside_prompt=True, level_embedding=False, learned_reference_points=False)
 
   @classmethod
   def demo(cls) -> PromptEncoderConfig:
@@ -266,8 +277,10 @@ class OmniPromptEncoder(nn.Module):
     if cfg.fusion != "none":
       downscaled = PromptDownscaler(cfg.hidden_dim, cfg.mask_in_chans, name="prompt_downscaler")(prompt[..., None])
       prompt_embeddings = dict(zip(("res2", "res3", "res4", "res5"), downscaled))
-    level_embed = self.param("level_embed", nn.with_logical_partitioning(
-        nn.initializers.normal(1.0), ("table", "embed")), (len(REFERENCE_FEATURE_NAMES), cfg.hidden_dim))
+    level_embed = jnp.zeros((len(REFERENCE_FEATURE_NAMES), cfg.hidden_dim))
+    if cfg.level_embedding:
+      level_embed = self.param("level_embed", nn.with_logical_partitioning(
+          nn.initializers.normal(1.0), ("table", "embed")), (len(REFERENCE_FEATURE_NAMES), cfg.hidden_dim))
     xavier = nn.initializers.xavier_uniform()
     spatial_shapes, fused, flat, masks = [], [], [], []
     for level, name in enumerate(REFERENCE_FEATURE_NAMES):
@@ -299,10 +312,14 @@ class OmniPromptEncoder(nn.Module):
                          (cfg.num_queries, cfg.hidden_dim))
     query_pos = self.param("query_pos", nn.with_logical_partitioning(nn.initializers.normal(1.0), table),
                            (cfg.num_queries, cfg.hidden_dim))
-    reference_logits = self.param("reference_points",
-                                  nn.with_logical_partitioning(reference_point_logits_init, ("table", None)),
-                                  (cfg.num_queries, 2))
-    reference_points = jnp.broadcast_to(jax.nn.sigmoid(reference_logits)[None], (batch, cfg.num_queries, 2))
+    if cfg.learned_reference_points:
+      reference_logits = self.param("reference_points",
+                                    nn.with_logical_partitioning(reference_point_logits_init, ("table", None)),
+                                    (cfg.num_queries, 2))
+      points = jax.nn.sigmoid(reference_logits)
+    else:
+      points = jnp.asarray(query_grid(cfg.num_queries))
+    reference_points = jnp.broadcast_to(points[None], (batch, cfg.num_queries, 2))
     return jnp.broadcast_to(queries[None], (batch, *queries.shape)), query_pos[None], reference_points
 
   def generate(self, queries: Array, query_pos: Array, reference_points: Array, reference: ReferenceMemory, *,

@@ -25,6 +25,7 @@ from typing import Any
 import grain
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 from flax import traverse_util
 
 from omniris_jax import steps
@@ -146,7 +147,9 @@ def load_params_from(directory: str, abstract_params: Any, fresh_params: Any, lo
                             "(or set config.init_from=None to start from scratch).")
   checkpointer = ocp.PyTreeCheckpointer()
   item_dir = os.path.join(step_dir, STATE)
-  metadata = checkpointer.metadata(item_dir).item_metadata
+  # The item's own tree metadata (the checkpointer's `metadata` also wants a per-item checkpoint metadata file
+  # that CheckpointManager does not write, and warns).
+  metadata = ocp.PyTreeCheckpointHandler().metadata(epath.Path(item_dir))
   saved = traverse_util.flatten_dict(getattr(metadata, "tree", metadata)["params"])
   wanted = traverse_util.flatten_dict(abstract_params)
   loadable = {key: value for key, value in wanted.items()

@@ -9,7 +9,8 @@ directory and renames it when done), so `kill -9` at any moment leaves the previ
 
 Where a stage's state comes from, in the order the trainer tries them:
   1. resume (`restore_latest`): the newest readable checkpoint in this stage's directory (one that fails to read
-     is named in a warning and the one before it is tried);
+     is named in a warning, the one before it is tried, and, once one is read, it is moved aside to
+     `<step>.unreadable-<time>` so that the run can write that step again);
   2. init_from (`load_params_from`): the parameters only of the newest checkpoint in `config.init_from` (the
      previous stage); parameters it lacks, or holds with another shape, keep their fresh initialisation and are
      listed; the optimiser starts fresh;
@@ -19,6 +20,7 @@ Where a stage's state comes from, in the order the trainer tries them:
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -73,22 +75,36 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state: steps.TrainSt
   """The newest readable checkpoint (state + iterator position), or None when the directory has none.
 
   `abstract_state` holds jax.ShapeDtypeStruct leaves with their shardings. A checkpoint that fails to read is
-  reported by path and the previous one is tried; CheckpointReadError when none can be read.
+  reported by path and the previous one is tried; the unreadable ones newer than the one restored are moved aside
+  (`<step>.unreadable-<time>`, which the manager ignores). CheckpointReadError when none can be read (nothing is
+  moved then).
   """
   target = _state_dict(abstract_state)
-  failures = []
+  failures, unreadable = [], []
   for step in sorted(manager.all_steps(), reverse=True):
+    path = os.path.join(str(manager.directory), str(step))
     try:
       restored = manager.restore(step, args=ocp.args.Composite(**{
           STATE: ocp.args.PyTreeRestore(item=target, restore_args=_restore_args(target)),
           DATA: grain.checkpoint.CheckpointRestore(iterator)}))
     except Exception as error:  # pylint: disable=broad-except  (any unreadable file: try the previous one)
-      path = os.path.join(str(manager.directory), str(step))
       failures.append(f"{path}: {type(error).__name__}: {str(error).splitlines()[0][:300]}")
       log(f"WARNING: checkpoint {path} could not be read ({failures[-1].split(': ', 1)[1]}); trying the "
           "previous one.")
+      unreadable.append(path)
       continue
-    log(f"Resumed from checkpoint {os.path.join(str(manager.directory), str(step))}.")
+    # The unreadable newer ones are moved aside (kept, not deleted): the run saves those steps again. Every
+    # process renames (one succeeds), so each sees them gone before it reloads, without a collective.
+    for bad in unreadable:
+      aside = f"{bad}.unreadable-{time.strftime('%Y%m%d-%H%M%S')}"
+      try:
+        epath.Path(bad).rename(aside)
+        log(f"WARNING: moved the unreadable checkpoint {bad} to {aside} (delete it when done with it).")
+      except FileNotFoundError:  # another process moved it
+        pass
+    if unreadable:
+      manager.reload()
+    log(f"Resumed from checkpoint {path}.")
     return steps.TrainState(**restored[STATE])
   if failures:
     raise CheckpointReadError(f"No checkpoint in {manager.directory} could be read: " + "; ".join(failures) +
@@ -145,17 +161,11 @@ def load_params_from(directory: str, abstract_params: Any, fresh_params: Any, lo
   if step_dir is None:
     raise FileNotFoundError(f"config.init_from={directory!r} holds no checkpoint; run the previous stage first "
                             "(or set config.init_from=None to start from scratch).")
-  checkpointer = ocp.PyTreeCheckpointer()
-  item_dir = os.path.join(step_dir, STATE)
-  # The item's own tree metadata (the checkpointer's `metadata` also wants a per-item checkpoint metadata file
-  # that CheckpointManager does not write, and warns).
-  metadata = ocp.PyTreeCheckpointHandler().metadata(epath.Path(item_dir))
-  saved = traverse_util.flatten_dict(getattr(metadata, "tree", metadata)["params"])
+  saved = param_shapes_in(step_dir)
   wanted = traverse_util.flatten_dict(abstract_params)
-  loadable = {key: value for key, value in wanted.items()
-              if key in saved and tuple(saved[key].shape) == tuple(value.shape)}
+  loadable = {key: value for key, value in wanted.items() if saved.get("/".join(key)) == tuple(value.shape)}
   target = {"params": traverse_util.unflatten_dict(loadable)}
-  restored = checkpointer.restore(item_dir, args=ocp.args.PyTreeRestore(
+  restored = ocp.PyTreeCheckpointer().restore(os.path.join(step_dir, STATE), args=ocp.args.PyTreeRestore(
       item=target, restore_args=_restore_args(target), partial_restore=True))
   loaded = traverse_util.flatten_dict(restored["params"])
   missing = sorted("/".join(key) for key in wanted if key not in loadable)
@@ -167,6 +177,42 @@ def load_params_from(directory: str, abstract_params: Any, fresh_params: Any, lo
   merged = traverse_util.flatten_dict(fresh_params() if callable(fresh_params) else fresh_params)
   merged.update(loaded)
   return traverse_util.unflatten_dict(merged)
+
+
+def param_shapes_in(step_dir: str) -> dict[str, tuple[int, ...]]:
+  """'part/.../name' -> shape of every parameter array a checkpoint step directory holds, from its metadata alone.
+
+  Raises:
+    ValueError: the metadata cannot be read (a truncated or damaged checkpoint), naming the directory.
+  """
+  try:  # the item's own tree metadata (the checkpointer's `metadata` also wants a per-item checkpoint metadata
+    # file that CheckpointManager does not write, and warns)
+    metadata = ocp.PyTreeCheckpointHandler().metadata(epath.Path(os.path.join(step_dir, STATE)))
+    tree = getattr(metadata, "tree", metadata)["params"]
+  except (OSError, ValueError, KeyError, TypeError) as error:
+    raise ValueError(unreadable_message(step_dir, error)) from error
+  return {"/".join(key): tuple(value.shape) for key, value in traverse_util.flatten_dict(tree).items()}
+
+
+def param_mismatches(saved: dict[str, tuple[int, ...]], wanted: dict[str, tuple[int, ...]]) -> str:
+  """'' when every wanted parameter is saved with its shape, else what differs, in a few words."""
+  absent = sorted(path for path in wanted if path not in saved)
+  reshaped = sorted(f"{path} {saved[path]} where the model has {wanted[path]}"
+                    for path in wanted if path in saved and saved[path] != wanted[path])
+  parts = []
+  if reshaped:
+    parts.append(f"{len(reshaped)} of its {len(wanted)} parameter arrays have another shape there ("
+                 + "; ".join(reshaped[:3]) + ("; ..." if len(reshaped) > 3 else "") + ")")
+  if absent:
+    parts.append(f"{len(absent)} are absent there ({', '.join(absent[:3])}{', ...' if len(absent) > 3 else ''})")
+  return ", and ".join(parts)
+
+
+def unreadable_message(step_dir: str, error: BaseException) -> str:
+  """What to say about a checkpoint step directory that cannot be read."""
+  first_line = (str(error).strip().splitlines() or [""])[0][:300]
+  return (f"the checkpoint {step_dir} cannot be read ({type(error).__name__}: {first_line}); it is truncated or "
+          "damaged. Delete that step directory to fall back to the one before it, or train the stage again.")
 
 
 def all_step_directories(directory: str) -> list[str]:

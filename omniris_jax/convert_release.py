@@ -106,6 +106,15 @@ def read_release_file(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], d
   if not path.is_file():
     raise FileNotFoundError(f"--checkpoint {str(path)!r} does not exist; download the published checkpoint "
                             "(linked from the README of As-Time-Goes-By/OmniSegNet) first.")
+  with open(path, "rb") as file:
+    head = file.read(8)
+  # torch.save writes a zip archive (PK..); files of torch < 1.6 are a pickle (protocol 2+ starts with 0x80).
+  if not head.startswith(b"PK\x03\x04") and not head.startswith(b"\x80"):
+    what = "is empty (0 bytes)" if not head else f"begins with {head!r}"
+    raise ReleaseCheckpointError(
+        f"{str(path)!r} is not a PyTorch checkpoint: it {what}, while torch.save writes a zip archive. Give the .pth "
+        "file of the release (linked from the README of As-Time-Goes-By/OmniSegNet); download it again if it was "
+        "cut short.")
   try:
     with torch.serialization.safe_globals([argparse.Namespace]):
       loaded = torch.load(str(path), map_location="cpu", weights_only=True)
@@ -119,7 +128,10 @@ def read_release_file(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], d
           "checkpoint needs nothing but tensors, plain containers and argparse.Namespace. If you trust the file, "
           "re-save just its state_dict (torch.save({'model': checkpoint['model']}, 'clean.pth')) and convert "
           "that.") from error
-    raise ReleaseCheckpointError(f"{str(path)!r} is not a readable PyTorch checkpoint: {text}") from error
+    first_line = (text.strip().splitlines() or [type(error).__name__])[0]
+    raise ReleaseCheckpointError(
+        f"{str(path)!r} is not a readable PyTorch checkpoint ({type(error).__name__}: {first_line}); it is cut short "
+        "(an interrupted download?) or damaged: download it again.") from error
   if isinstance(loaded, Mapping) and "model" in loaded and isinstance(loaded["model"], Mapping):
     state, args = loaded["model"], loaded.get("args")
   elif isinstance(loaded, Mapping) and loaded and all(torch.is_tensor(v) for v in loaded.values()):
@@ -153,8 +165,10 @@ def _count(state: Mapping[str, np.ndarray], pattern: str) -> int:
 
 def _shape(state: Mapping[str, np.ndarray], key: str) -> tuple[int, ...]:
   if key not in state:
-    raise ReleaseCheckpointError(f"the state_dict lacks {key!r}, which every release checkpoint has; is this an "
-                                 "OmniSegNet checkpoint?")
+    raise ReleaseCheckpointError(
+        f"the state_dict lacks {key!r}, which every release checkpoint has; its {len(state)} tensors ("
+        f"{_listing(list(state), 4)}) are another model's. Give the OmniSegNet checkpoint of the release (linked "
+        "from the README of As-Time-Goes-By/OmniSegNet).")
   return tuple(state[key].shape)
 
 
@@ -269,6 +283,11 @@ def _key_map(config: OmniSegNetConfig) -> dict[tuple[str, ...], tuple[str, str, 
     for name in ("sampling_offsets", "attention_weights", "value_proj", "output_proj"):
       linear(f"{ours}/{name}", f"{theirs}.{name}")
 
+  def input_projections(ours, theirs, levels):  # nn.Sequential(Conv2d 1x1, GroupNorm) per level
+    for level in range(levels):
+      conv(f"{ours}/input_proj_{level}", f"{theirs}.input_proj.{level}.0")
+      norm(f"{ours}/input_norm_{level}", f"{theirs}.input_proj.{level}.1")
+
   # Image encoder: Swin with PWAM.
   enc = "image_encoder"
   conv(f"{enc}/patch_embed/projection", "backbone.patch_embed.proj")
@@ -305,9 +324,7 @@ def _key_map(config: OmniSegNetConfig) -> dict[tuple[str, ...], tuple[str, str, 
 
   # Pixel encoder (Mask2Former's MSDeformAttnPixelDecoder).
   pixel = "sem_seg_head.pixel_decoder"
-  for level in range(3):
-    conv(f"pixel_encoder/input_proj_{level}", f"{pixel}.input_proj.{level}.0")
-    norm(f"pixel_encoder/input_norm_{level}", f"{pixel}.input_proj.{level}.1")
+  input_projections("pixel_encoder", pixel, 3)
   table[("pixel_encoder", "level_embed")] = (f"{pixel}.transformer.level_embed", _COPY, None)
   for i in range(config.pixel_encoder.num_layers):
     ours, theirs = f"pixel_encoder/encoder_layer_{i}", f"{pixel}.transformer.encoder.layers.{i}"
@@ -326,9 +343,7 @@ def _key_map(config: OmniSegNetConfig) -> dict[tuple[str, ...], tuple[str, str, 
   pe = "prompt_encoder"
   table[(pe, "query_embed")] = ("vis_prompts.weight", _COPY, None)
   table[(pe, "query_pos")] = ("prompt_encoder.vis_prompts_pos.weight", _COPY, None)
-  for level in range(4):
-    conv(f"{pe}/input_proj_{level}", f"prompt_encoder.input_proj.{level}.0")
-    norm(f"{pe}/input_norm_{level}", f"prompt_encoder.input_proj.{level}.1")
+  input_projections(pe, "prompt_encoder", 4)
   downscaler = {0: "downscale1.0", 1: "downscale1.3", 2: "downscale1.6", 3: "downscale2.0", 4: "downscale3.0",
                 5: "downscale4.0"}
   downscaler_norms = {0: "downscale1.1", 1: "downscale1.4", 3: "downscale2.1", 4: "downscale3.1",
@@ -605,16 +620,25 @@ def main(argv: Sequence[str] | None = None) -> int:
                       help="the square input side images are resized to (the release's INPUT.IMAGE_SIZE, 480)")
   args = parser.parse_args(argv)
   try:
+    # The cheap checks first: reading and converting the release's file takes minutes.
+    if args.resolution < 32 or args.resolution % 32:
+      raise ReleaseCheckpointError(f"--resolution={args.resolution} must be a positive multiple of 32 (the "
+                                   "release pads its inputs to one; 480 is what it was trained at)")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+      raise FileExistsError(f"--out {args.out!r} is a file; give a directory to write {STAGE}/ into.")
+    if os.path.exists(os.path.join(args.out, STAGE)):
+      raise FileExistsError(f"{os.path.join(args.out, STAGE)!r} exists; convert into a new --out directory (or "
+                            "delete it).")
     state, release_args = read_release_file(args.checkpoint)
-    config = release_config(state)
+    try:
+      config = release_config(state)
+    except ReleaseCheckpointError as error:
+      raise ReleaseCheckpointError(f"{args.checkpoint!r}: {error}") from None
     print(f"Read {len(state)} tensors from {args.checkpoint}: {describe(config)}")
     condition = release_args.get("condition")
     if condition:
       print(f"The checkpoint was trained with visual prompts of type {condition!r} (--condition).")
     params = convert_state_dict(state, config)
-    if args.resolution < 32 or args.resolution % 32:
-      raise ReleaseCheckpointError(f"--resolution={args.resolution} must be a positive multiple of 32 (the "
-                                   "release pads its inputs to one; 480 is what it was trained at)")
     stage_dir = write_workdir(args.out, config, params, args.resolution)
   except (ImportError, FileNotFoundError, FileExistsError, ReleaseCheckpointError) as error:
     print(f"error: {error}", file=sys.stderr)

@@ -248,6 +248,9 @@ def prompt_arrays(prompts: Sequence[Prompt], tokenizer: Any, size: int, max_text
       raise ValueError(f"{where}: a reference image needs exactly one of ref_mask, ref_box, ref_scribble, and "
                        "those need the reference image they are drawn on.")
     if prompt.text is not None:
+      if not tokenizer.tokens(str(prompt.text)):
+        raise ValueError(f"{where}: the text {prompt.text!r} has no words once normalised (only control or "
+                         "invisible characters); type an instruction or leave text out.")
       text_ids[index], text_mask[index] = tokenizer.encode(str(prompt.text), max_text_len)
       has_text[index] = True
     if prompt.ref_image is not None:
@@ -349,6 +352,7 @@ class Predictor:
     writes, or from `config` (the ConfigDict it was trained with)."""
     from omniris_jax import checkpointing, train  # pylint: disable=g-import-not-at-top
     from omniris_jax.models import factory  # pylint: disable=g-import-not-at-top
+    from_config = config is not None
     if not os.path.isdir(workdir):
       raise FileNotFoundError(f"--workdir {workdir!r} does not exist; train a model first (`make demo` writes "
                               "workdir/demo).")
@@ -359,7 +363,21 @@ class Predictor:
     config = load_stage_config(os.path.join(workdir, stage)) if config is None else copy.deepcopy(config)
     with config.unlocked():
       config.mesh.num_devices, config.mesh.data, config.mesh.fsdp, config.mesh.model = 1, 1, 1, 1
-    trained = train.load_trained_stage(config, workdir, stage, log=lambda *args, **kwargs: None)
+    step_dir = checkpointing.latest_step_directory(checkpoint_dir)
+    # Before loading: the trainer's loader keeps a fresh (random) array for every parameter the checkpoint lacks or
+    # holds with another shape, which a predictor must never answer with.
+    missing = checkpointing.param_mismatches(checkpointing.param_shapes_in(step_dir),
+                                             factory.param_shapes(config))
+    if missing:
+      raise ValueError(f"{step_dir} does not hold the model that "
+                       f"{'config' if from_config else repr(os.path.join(workdir, stage, 'config.json'))} describes "
+                       f"(model {config.model.get('name', 'omnisegnet')!r}, preset {config.model.preset!r}): "
+                       f"{missing}. It was trained with another model size or preset; pass the config it was "
+                       "trained with (--config on the command line, config= in Python).")
+    try:
+      trained = train.load_trained_stage(config, workdir, stage, log=lambda *args, **kwargs: None)
+    except (OSError, ValueError) as error:  # tensorstore's and orbax's read errors are ValueErrors and OSErrors
+      raise ValueError(checkpointing.unreadable_message(step_dir, error)) from error
     return cls(trained.model, trained.params, resolution=config.input.resolution,
                max_text_len=config.input.max_text_len, vocab_path=factory.text_encoder_vocab(config),
                keep_sep=config.input.get("keep_sep", True), mesh=trained.mesh, rules=trained.rules)
@@ -451,8 +469,17 @@ def load_stage_config(stage_dir: str) -> Any:
     raise FileNotFoundError(f"{path!r} is missing, so the model cannot be rebuilt from the workdir alone; pass "
                             "the config it was trained with (--config=configs/joint.py:demo on the command line, "
                             "config= in Python).")
-  with open(path) as file:
-    return ml_collections.ConfigDict(json.load(file))
+  try:
+    with open(path, encoding="utf-8") as file:
+      values = json.load(file)
+  except (json.JSONDecodeError, UnicodeDecodeError) as error:
+    raise ValueError(f"{path!r} is not valid JSON ({error}); it is cut short or damaged. Restore it (the trainer "
+                     "writes it when the stage starts), or pass the config the stage was trained with "
+                     "(--config=configs/joint.py:demo on the command line, config= in Python).") from None
+  if not isinstance(values, dict) or not isinstance(values.get("model"), dict):
+    raise ValueError(f"{path!r} is not a trainer config (no 'model' section); pass the config the stage was "
+                     "trained with (--config on the command line, config= in Python).")
+  return ml_collections.ConfigDict(values)
 
 
 # ===============================================================================================================
@@ -551,6 +578,8 @@ def _parse_args(argv: Sequence[str]) -> argparse.Namespace:
   parser.add_argument("--out", required=True, help="the overlay PNG (a folder when --image is a folder)")
   parser.add_argument("--json", default=None, help="also write the masks as COCO RLE (a folder for a folder)")
   args = parser.parse_args(argv)
+  if args.text is not None and not args.text.strip():
+    parser.error("--text is empty; type an instruction, or leave --text out and give a visual prompt")
   if args.text is None and args.ref_image is None:
     parser.error("give a prompt: --text, or --ref-image with --ref-box / --ref-mask / --ref-scribble, or both")
   if args.ref_image is not None and not (args.ref_box or args.ref_mask or args.ref_scribble):
@@ -580,6 +609,34 @@ def _config_from_flag(spec: str) -> Any:
   return module.get_config(variant)
 
 
+def _cli_prompt(args: argparse.Namespace) -> Prompt:
+  """The CLI's prompt with its reference image and spatial prompt read and checked (before the model loads)."""
+  prompt = Prompt(text=args.text)
+  if args.ref_image is None:
+    return prompt
+  prompt.ref_image = load_image(args.ref_image, f"--ref-image {args.ref_image!r}")
+  size = prompt.ref_image.shape[:2]
+  if args.ref_box is not None:
+    box_map(args.ref_box, size, "--ref-box")
+    prompt.ref_box = args.ref_box
+  elif args.ref_mask is not None:
+    prompt.ref_mask = load_mask(args.ref_mask, size, f"--ref-mask {args.ref_mask!r}")
+  else:
+    prompt.ref_scribble = load_mask(args.ref_scribble, size, f"--ref-scribble {args.ref_scribble!r}")
+  return prompt
+
+
+def _text_note(predictor: Predictor, text: str) -> str | None:
+  """A note when `text` is longer than the model reads: how much of it the model reads (the rest is cut)."""
+  tokens = predictor.tokenizer.tokens(text)
+  room = predictor.max_text_len - (2 if predictor.tokenizer.keep_sep else 1)  # [CLS] (and [SEP]) take a place
+  if len(tokens) <= room:
+    return None
+  read = predictor.tokenizer.hf_tokenizer.convert_tokens_to_string(tokens[:room])
+  return (f"note: --text is {len(tokens)} tokens long but the model reads {room}; it answers for {read!r} (the "
+          "rest is cut).")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
   args = _parse_args(sys.argv[1:] if argv is None else argv)
   os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")  # the tokenizer needs no PyTorch; say nothing
@@ -595,16 +652,26 @@ def main(argv: Sequence[str] | None = None) -> int:
       images = [args.image]
     else:
       raise FileNotFoundError(f"--image {args.image!r}: no such file or folder.")
+    folder = len(images) > 1 or os.path.isdir(args.image)
+    # Every input is read and checked before the model loads, so a mistake costs no load and writes nothing.
+    for flag, path in (("--out", args.out), ("--json", args.json)):
+      if path is not None and not folder and os.path.isdir(path):
+        raise ValueError(f"{flag} {path!r} is a folder; give a file name (a folder only with a folder of images).")
+      if path is not None and folder and os.path.isfile(path):
+        raise ValueError(f"{flag} {path!r} is a file, but --image is a folder: give a folder to write one file "
+                         "per image into.")
+    first = None if folder else load_image(images[0], f"--image {images[0]!r}")
+    prompt = _cli_prompt(args)
     config = _config_from_flag(args.config) if args.config else None
     predictor = Predictor.from_workdir(args.workdir, args.stage, config)
-    prompt = Prompt(text=args.text, ref_image=args.ref_image, ref_mask=args.ref_mask, ref_box=args.ref_box,
-                    ref_scribble=args.ref_scribble)
+    note = _text_note(predictor, args.text) if args.text is not None else None
+    if note:
+      print(note, file=sys.stderr)
     label = " + ".join(part for part in (repr(args.text) if args.text is not None else None,
                                          "visual prompt" if args.ref_image else None) if part)
-    folder = len(images) > 1 or os.path.isdir(args.image)
     start = time.perf_counter()
     for index, image_path in enumerate(images):
-      image = load_image(image_path, f"--image {image_path!r}")
+      image = first if first is not None else load_image(image_path, f"--image {image_path!r}")
       predictor.set_image(image)
       prediction = predictor.predict(prompts=[prompt])
       stem = os.path.splitext(os.path.basename(image_path))[0]

@@ -14,7 +14,7 @@ the referent, and submit. The same model answers `POST /api/predict`, a multipar
 Fields: `image` (file, required), `text`, and `ref_image` (file) with exactly one of `ref_box` ("x0,y0,x1,y1" in
 pixels of the reference image), `ref_mask` or `ref_scribble` (binary image files of the reference image's size).
 The answer is `predict.prediction_json` (COCO RLE masks, no-target probabilities) plus `overlay_png_base64`; a bad
-input answers 4xx with `{"error": "<field>: ..."}`.
+input answers 4xx with `{"error": "<field>: ..."}`, and so do another method (405) and another path under /api (404).
 
 One predictor serves everything; a lock makes concurrent requests (API and browser) wait their turn. gradio and
 fastapi are imported only here, and only when the app is built, so `import omniris_jax` never needs them.
@@ -74,8 +74,13 @@ class Segmenter:
     self._lock = threading.Lock()
 
   def segment(self, image: np.ndarray, prompt: predict.Prompt, label: str) -> tuple[predict.Prediction, bytes]:
-    """The prediction for one prompt about `image` (uint8 RGB) and the overlay PNG's bytes."""
+    """The prediction for one prompt about `image` (uint8 RGB) and the overlay PNG's bytes; BadInput when the
+    text has no words the tokenizer keeps."""
     with self._lock:
+      # Checked here, under the lock: the tokenizer is not safe to call from two threads at once.
+      if prompt.text is not None and not self.predictor.tokenizer.tokens(prompt.text):
+        raise BadInput(400, f"text: {prompt.text[:80]!r} has no words once control characters are dropped; type "
+                            "an instruction, or leave text out and give a visual prompt.")
       self.predictor.set_image(image)
       prediction = self.predictor.predict(prompts=[prompt])
     with tempfile.TemporaryDirectory(prefix="omniris_serve_") as folder:
@@ -120,7 +125,8 @@ def decode_map(data: bytes, field: str) -> np.ndarray:
     with Image.open(io.BytesIO(data)) as opened:
       _check_pixels(opened, field)
       return np.asarray(opened)
-  except (UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionBombError) as error:
+  # Pillow raises ValueError on some broken headers too (e.g. a PPM whose size is not a number).
+  except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
     raise BadInput(400, f"{field}: the upload is not an image this server can read ({_why(error)}); upload a "
                         "binary PNG of the reference image's size.") from error
 
@@ -258,6 +264,19 @@ async def parse_request(form: Any) -> tuple[np.ndarray, predict.Prompt, str, str
   return image, prompt, label, filename
 
 
+class _AnyMethod:
+  """An endpoint as an ASGI app, which Starlette routes every method to: it routes a function endpoint only for the
+  methods listed, and another method (PROPFIND, ...) would fall through to the UI mounted at `/`."""
+
+  def __init__(self, endpoint: Any):
+    self.endpoint = endpoint
+
+  async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+    from starlette.requests import Request  # pylint: disable=g-import-not-at-top
+    response = await self.endpoint(Request(scope, receive, send))
+    await response(scope, receive, send)
+
+
 def create_app(predictor: predict.Predictor, max_upload_mb: float = 10.0) -> fastapi.FastAPI:
   """The FastAPI app: `POST /api/predict` and the gradio UI mounted at `/` (module docstring)."""
   import fastapi  # pylint: disable=g-import-not-at-top,redefined-outer-name
@@ -292,9 +311,16 @@ def create_app(predictor: predict.Predictor, max_upload_mb: float = 10.0) -> fas
         await form.close()
     return JSONResponse(payload)
 
-  # A plain Starlette route: the endpoint reads the body itself (size limit) instead of FastAPI's form binding.
-  # It takes every method, so that a GET answers 405 here rather than falling through to the UI mounted at /.
-  app.add_route("/api/predict", api_predict, methods=["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"])
+  async def api_unknown(request):
+    return JSONResponse({"error": f"path: {request.url.path} is not served; the API is POST /api/predict."},
+                        status_code=404)
+
+  # Plain Starlette routes: the endpoint reads the body itself (size limit) instead of FastAPI's form binding.
+  # They take every method, and every other path under /api answers 404 here, so that no request under /api falls
+  # through to the UI mounted at / (whose answers are not the API's JSON).
+  app.add_route("/api/predict", _AnyMethod(api_predict))
+  app.add_route("/api", _AnyMethod(api_unknown))
+  app.add_route("/api/{rest:path}", _AnyMethod(api_unknown))
 
   demo = build_ui(segmenter)
   theme = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"],
@@ -359,7 +385,10 @@ def build_ui(segmenter: Segmenter) -> Any:
       setattr(prompt, f"ref_{spatial}", value)
     # Past the checks above a failure is the server's own: gradio logs it and reports an error.
     label = prompt_label(text, spatial)
-    prediction, png = segmenter.segment(image, prompt, label)
+    try:
+      prediction, png = segmenter.segment(image, prompt, label)
+    except BadInput as error:
+      raise gr.Error(str(error)) from error
     return Image.open(io.BytesIO(png)), verdict(prediction, label)
 
   with gr.Blocks(title="OmniRIS: segment what a prompt refers to") as demo:

@@ -105,16 +105,21 @@ def data_parallel_size(mesh: jax.sharding.Mesh) -> int:
   return math.prod(mesh.shape[axis] for axis in BATCH_AXES)
 
 
-def check_batch_size(global_batch: int, mesh: jax.sharding.Mesh, process_count: int | None = None) -> int:
-  """Returns the per-process batch; fails (with the numbers) when the batch does not divide evenly."""
+def check_batch_size(global_batch: int, mesh: jax.sharding.Mesh, process_count: int | None = None, *,
+                     name: str = "config.input.batch_size") -> int:
+  """Returns the per-process batch; fails (with the numbers) when the batch does not divide evenly. `name` is
+  the config field the batch size comes from (for the message)."""
   process_count = jax.process_count() if process_count is None else process_count
   parallel = data_parallel_size(mesh)
+  if not isinstance(global_batch, int) or isinstance(global_batch, bool) or global_batch < 1:
+    raise ValueError(f"{name}={global_batch!r} must be a positive int, a multiple of the data-parallel size "
+                     f"{parallel}; e.g. {parallel}.")
   if global_batch % parallel:
-    raise ValueError(f"config.input.batch_size={global_batch} must be a multiple of the data-parallel size "
+    raise ValueError(f"{name}={global_batch} must be a multiple of the data-parallel size "
                      f"{parallel} (mesh data={mesh.shape['data']} x fsdp={mesh.shape['fsdp']}); e.g. "
                      f"{-(-global_batch // parallel) * parallel}.")
   if global_batch % process_count:
-    raise ValueError(f"config.input.batch_size={global_batch} must be a multiple of the {process_count} "
+    raise ValueError(f"{name}={global_batch} must be a multiple of the {process_count} "
                      "processes (each reads batch_size // process_count examples).")
   return global_batch // process_count
 

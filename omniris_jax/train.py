@@ -26,6 +26,7 @@ import functools
 import json
 import math
 import os
+import signal
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -49,6 +50,25 @@ TEXT_SOURCE = 0
 
 class NonFiniteError(FloatingPointError):
   """A NaN/inf loss or gradient: the message names the step, the batch's record indices and the last checkpoint."""
+
+
+# Fault injection, for tests only (tests/test_fault_injection.py): OMNIRIS_FAULT="<action>:<point>:<stage>:<step>"
+# acts when the trainer reaches that point. Points: `step` (before step <step>'s update, the previous step's still
+# running), `save` (the async write of checkpoint <step> started, not finished), `eval` (an evaluation at <step>
+# computed, nothing of it written), `stage` (stage <stage> of <step> steps finished, the next one not started).
+# Actions: `kill` (SIGKILL: a preemption at a known moment); `nan` (point `step` only: the parameters turn NaN
+# before step <step>'s update, so its loss is NaN). Unset: nothing happens.
+_FAULT = os.environ.get("OMNIRIS_FAULT", "")
+
+
+def _fault_point(point: str, stage: str, step: int, state: steps.TrainState | None = None) -> Any:
+  """`state`, NaN-poisoned when OMNIRIS_FAULT says `nan` here; the process killed when it says `kill` here."""
+  action, _, where = _FAULT.partition(":")
+  if where != f"{point}:{stage}:{step}":
+    return state
+  if action == "kill":
+    os.kill(os.getpid(), signal.SIGKILL)
+  return state.replace(params=jax.tree.map(lambda x: x * jnp.nan, state.params))
 
 
 # ===============================================================================================================
@@ -146,6 +166,7 @@ def evaluate(evaluator: referring.Evaluator, writer: summaries.SummaryWriter, pa
   start = time.perf_counter()
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     results = evaluator.run(params, step)
+  _fault_point("eval", evaluator.config.stage, step)
   table = evaluator.report(results, step)
   log(f"\n[{evaluator.config.stage}] evaluation at step {step} ({time.perf_counter() - start:.0f} s):\n{table}\n",
       flush=True)
@@ -269,6 +290,7 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
     while step < config.total_steps:
       batch = next(train_iter)
       step_fn = pick_train_step(batch, train_fn, text_train_fn)
+      state = _fault_point("step", config.stage, step + 1, state)
       state, step_metrics = step_fn(state, sharding.global_batch(batch, mesh))
       step += 1
       pending.add(step, step_metrics, np.asarray(batch["index"]))
@@ -285,6 +307,7 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
         pending.fetch(manager, last_checkpoint)
         if checkpointing.save(manager, state, train_iter, force=step == config.total_steps):
           last_checkpoint = os.path.join(manager.directory, str(step))
+          _fault_point("save", config.stage, step)
       if manager.reached_preemption(step):
         pending.fetch(manager, last_checkpoint)
         checkpointing.save(manager, state, train_iter, force=True)
@@ -359,6 +382,7 @@ def run_stages(config: Any, workdir: str) -> dict[str, Any]:
   results = {}
   for name in config.get("run_before", ()):
     results[name] = train_and_evaluate(stage_config(config, name), workdir)
+    _fault_point("stage", name, config.stage_configs[name].total_steps)
   results[config.stage] = train_and_evaluate(config, workdir)
   if jax.process_index() == 0 and len(results) > 1:
     csvs = {name: os.path.join(workdir, name, "tensorboard", "metrics.csv") for name in results}

@@ -1,5 +1,6 @@
 """Checkpoints survive preemption: kill -9 and restart reaches bitwise the same parameters; a broken checkpoint
-is named and the previous one used; init_from loads the previous stage's parameters and lists the new ones.
+is named, moved aside and the previous one used; init_from loads the previous stage's parameters and lists the new
+ones. tests/test_fault_injection.py kills, corrupts and poisons the trainer at chosen points.
 
 The runs are the main command on the tiny config (tests/tiny_config.py) as subprocesses, sharing JAX's
 persistent compilation cache with tests/test_train.py.
@@ -105,6 +106,10 @@ def test_unreadable_checkpoint_is_named_and_the_previous_one_used(uninterrupted,
   assert int(state.step) == latest - 2
   assert f"checkpoint {workdir / str(latest)} could not be read" in messages[0]
   assert messages[-1] == f"Resumed from checkpoint {workdir / str(latest - 2)}."
+  # Moved aside (kept for inspection), so that the resumed run can write that step again.
+  [aside] = [name for name in os.listdir(workdir) if name.startswith(f"{latest}.unreadable-")]
+  assert f"moved the unreadable checkpoint {workdir / str(latest)} to {workdir / aside}" in messages[1]
+  assert latest not in manager.all_steps() and manager.latest_step() == latest - 2
   np.testing.assert_array_equal(state.params["mask_decoder"]["level_embed"],
                                 saved_params(uninterrupted, latest - 2)["mask_decoder"]["level_embed"])
   manager.close()

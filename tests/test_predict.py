@@ -195,7 +195,7 @@ def test_the_cli_names_bad_input_and_writes_nothing(tiny_workdir, tmp_path):
   out = tmp_path / "overlay.png"
   result = _run_cli("--workdir", str(tiny_workdir), "--image", TARGET, "--ref-image", REFERENCE,
                     "--ref-box", "0,0,500,10", "--out", str(out))
-  assert result.returncode == 2 and "ref_box" in result.stderr and "inside the 128x128" in result.stderr
+  assert result.returncode == 2 and "--ref-box" in result.stderr and "inside the 128x128" in result.stderr
   result = _run_cli("--workdir", str(tiny_workdir), "--image", TARGET, "--out", str(out))
   assert result.returncode == 2 and "give a prompt" in result.stderr
   result = _run_cli("--workdir", str(tmp_path / "none"), "--image", TARGET, "--text", "x", "--out", str(out))

@@ -54,7 +54,7 @@ class Evaluator:
   def __init__(self, config: Any, mesh: jax.sharding.Mesh, eval_fn: Any, stage_dir: str, workdir: str):
     self.config, self.mesh, self.eval_fn = config, mesh, eval_fn
     self.stage_dir, self.workdir = stage_dir, workdir
-    self.local_batch = sharding.check_batch_size(config.eval.batch_size, mesh)
+    self.local_batch = sharding.check_batch_size(config.eval.batch_size, mesh, name="config.eval.batch_size")
     self.sources = {split: pipeline.from_tfds(config.dataset.test_name, split, config.dataset.data_dir)
                     for split in config.dataset.test_splits}
     self._baseline = None

@@ -163,6 +163,12 @@ def decode_segmentation(segmentation: Any, height: int, width: int, *, path: str
       if not isinstance(polygon, list) or not all(isinstance(v, (int, float)) and np.isfinite(v) for v in polygon):
         raise bad(f"must be a list of polygons [x0, y0, x1, y1, ...] of numbers; got an item {polygon!r:.80}")
       if len(polygon) % 2 == 0 and len(polygon) >= 6:
+        xs, ys = polygon[0::2], polygon[1::2]
+        # COCO's points lie on the image, give or take rounding; beyond a pixel, the polygon is not this image's.
+        if min(xs) < -1 or max(xs) > width + 1 or min(ys) < -1 or max(ys) > height + 1:
+          raise bad(f"has a polygon outside the {height}x{width} image (height x width): its points span x "
+                    f"{min(xs):g}..{max(xs):g}, y {min(ys):g}..{max(ys):g}; is the annotation from another image, "
+                    "or are x and y swapped?")
         polygons.append([float(v) for v in polygon])
     if not polygons:
       raise bad(f"has no polygon with at least 3 points (x, y pairs); got {segmentation!r:.80}")
@@ -278,9 +284,12 @@ class ReleasedFiles:
       with open(path, "rb") as f:
         value = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
-      raise MalformedRecordError(path, "whole file", "-", f"is not valid JSON: {error}") from None
+      raise MalformedRecordError(path, "whole file", "-", f"is not valid JSON ({error}); the file is cut short or "
+                                 "damaged: download it again (see MANUAL_DOWNLOAD_INSTRUCTIONS)") from None
     if not isinstance(value, kind):
-      raise MalformedRecordError(path, "top level", "-", f"must be a JSON {kind.__name__}; got {type(value).__name__}")
+      raise MalformedRecordError(path, "top level", "-", f"must be a JSON {kind.__name__}; got "
+                                 f"{type(value).__name__}. Is this the {name} of the OmniRef release? (see "
+                                 "MANUAL_DOWNLOAD_INSTRUCTIONS)")
     return value
 
   # --------------------------------------------------------------------------------------------------------
@@ -364,7 +373,8 @@ class ReleasedFiles:
     path = os.path.join(self.image_dir, entry["file_name"])
     if not os.path.isfile(path):
       raise MalformedRecordError(self.paths[SUPP_JSON], where, "image_id",
-                                 f"names image {entry['image_id']}, whose file {path} does not exist")
+                                 f"names image {entry['image_id']}, whose file {path} does not exist; put the COCO "
+                                 f"train2014 images in {self.image_dir} (see MANUAL_DOWNLOAD_INSTRUCTIONS)")
 
   def _visual_prompt(self, ref: Mapping[str, Any], where: str) -> _VisualPrompt:
     """The target of a visual ref and the reference pool the release would sample from."""
@@ -400,7 +410,8 @@ class ReleasedFiles:
   def _sentences(self, ref: Mapping[str, Any], where: str) -> list[str]:
     sentences = self._field(ref, "sentences", list, where)
     if not sentences:
-      raise MalformedRecordError(self.paths[OMNIREF_JSON], where, "sentences", "is empty")
+      raise MalformedRecordError(self.paths[OMNIREF_JSON], where, "sentences",
+                                 "is empty; a text ref needs at least one referring expression")
     texts = []
     for index, sentence in enumerate(sentences):
       sentence_where = f"{where} sentence #{index}"
@@ -409,7 +420,8 @@ class ReleasedFiles:
                                    f"must hold dicts with 'raw'; got {sentence!r:.60}")
       raw = self._field(sentence, "raw", str, sentence_where)
       if not raw.strip():
-        raise MalformedRecordError(self.paths[OMNIREF_JSON], sentence_where, "raw", "is empty")
+        raise MalformedRecordError(self.paths[OMNIREF_JSON], sentence_where, "raw",
+                                   f"is empty ({raw!r}); every sentence needs its referring expression")
       texts.append(raw)
     return texts
 
@@ -462,7 +474,8 @@ def _read_rgb(path: str, height: int, width: int, *, file: str, where: str) -> n
     with Image.open(path) as image:
       pixels = np.asarray(image.convert("RGB"))
   except OSError as error:
-    raise MalformedRecordError(file, where, "file_name", f"image {path} cannot be read: {error}") from None
+    raise MalformedRecordError(file, where, "file_name", f"image {path} cannot be read ({error}); the file is cut "
+                               "short or damaged: replace it with the COCO train2014 original") from None
   if pixels.shape[:2] != (height, width):
     raise MalformedRecordError(file, where, "height/width",
                                f"say {height}x{width} but the image file {path} is {pixels.shape[0]}x"

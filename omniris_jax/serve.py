@@ -28,6 +28,7 @@ import io
 import logging
 import math
 import os
+import re
 import sys
 import tempfile
 import threading
@@ -187,6 +188,12 @@ async def read_form(request: Any, max_bytes: int) -> Any:
   except ClientDisconnect as error:
     raise BadInput(400, "upload: the client closed the connection before the request ended.") from error
   body = b"".join(chunks)
+  boundary = re.search(r'boundary="?([^";]+)"?', content_type)
+  # Starlette's parser drops a file part that has no closing boundary, so a cut-short upload would read as a
+  # missing field: say what happened instead.
+  if boundary and not body.rstrip(b"\r\n").endswith(b"--" + boundary.group(1).encode("latin-1") + b"--"):
+    raise BadInput(400, "form: the multipart body is cut short (it does not end with its closing boundary); send "
+                        "the whole request again.")
 
   async def replay() -> dict[str, Any]:
     return {"type": "http.request", "body": body, "more_body": False}

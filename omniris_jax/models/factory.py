@@ -67,9 +67,8 @@ def param_shapes(config: Any, model: nn.Module | None = None) -> dict[str, tuple
   """'part/.../name' -> shape of every parameter array of the config's model (traced only: nothing computed)."""
   from flax import traverse_util  # pylint: disable=g-import-not-at-top
   model = make_model(config) if model is None else model
-  abstract = jax.eval_shape(lambda rng: model.init(rng, **dummy_inputs(config))["params"], jax.random.PRNGKey(0))
-  abstract = jax.tree.map(lambda x: x.value if isinstance(x, nn.meta.AxisMetadata) else x, abstract,
-                          is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))
+  abstract = nn.unbox(jax.eval_shape(lambda rng: model.init(rng, **dummy_inputs(config))["params"],
+                                     jax.random.PRNGKey(0)))
   return {"/".join(key): tuple(value.shape) for key, value in traverse_util.flatten_dict(abstract).items()}
 
 
